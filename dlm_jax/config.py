@@ -1,0 +1,270 @@
+"""Config loading and validation: python config files with `get_config()`, `--config.key=value` overrides.
+
+Every recipe in `configs/` starts from `base_config()` so all configs share one schema; unknown keys and
+values of the wrong type are rejected with a one-line `UserError` naming the key.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from dlm_jax.errors import UserError
+
+FAMILIES = ("mdlm", "ar")
+TOKENIZERS = ("byte", "char", "hf", "sentencepiece")
+SOURCES = ("python_stdlib", "text_files", "tfds", "hf", "array_record")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The full schema with defaults: a tiny byte-level MDLM on the embedded python_stdlib corpus."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.family = "mdlm"  # mdlm | ar
+    c.model.num_layers = 4
+    c.model.d_model = 256
+    c.model.num_heads = 4
+    c.model.mlp_dim = 1024
+    c.model.mlp_type = "swiglu"  # swiglu | gelu
+    c.model.norm = "rmsnorm"  # rmsnorm | layernorm (weight-only)
+    c.model.time_conditioning = False  # adaLN-zero on t (MDLM's log-linear schedule works without it)
+    c.model.cond_dim = 128
+    c.model.dropout = 0.0
+    c.model.rope_base = 10000.0
+    c.model.scan_layers = True
+    c.model.remat = "none"  # none | full | dots
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    c.model.attention_impl = "auto"  # auto | xla (Pallas kernels plug in behind kernels/attention.py)
+    # masked diffusion (MDLM / MD4)
+    c.model.schedule = "linear"  # linear | cosine | poly
+    c.model.schedule_power = 2.0  # k for poly: alpha_t = 1 - t^k
+    c.model.t_eps = 1e-3
+    c.model.antithetic = True
+    c.model.num_timesteps = 0  # 0: continuous-time NELBO; T > 0: discrete-time T-step NELBO
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "python_stdlib"  # python_stdlib | text_files | tfds | hf | array_record
+    c.data.path = ""  # text_files: glob; array_record: dir or glob; tfds: data_dir; hf: local path or ''
+    c.data.name = ""  # tfds dataset name (lm1b) or HF dataset name (openwebtext)
+    c.data.hf_config = ""  # HF dataset config name
+    c.data.text_key = "text"
+    c.data.train_split = "train"
+    c.data.val_split = "validation"
+    c.data.val_fraction = 0.05  # for sources without a val split
+    c.data.streaming = False  # HF datasets streaming mode
+    c.data.streaming_val_documents = 1000  # streaming without a val split: the first N documents are val
+    c.data.document_per_line = False  # text_files: every non-empty line is a document (LM1B-style files)
+    c.data.max_documents = 0  # 0: all documents
+    c.data.seq_len = 128
+    c.data.tokenizer = "byte"  # byte | char | hf | sentencepiece
+    c.data.tokenizer_path = ""  # hf: hub name or local dir/tokenizer.json; sentencepiece: .model file
+    c.data.packing = "wrap"  # wrap (concatenate + chunk) | pad (one document per row, padded)
+    c.data.shuffle = True
+    c.data.num_workers = 0  # grain worker processes (0: in the main process)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 1000
+    c.train.batch_size = 32  # global batch, split over the ('data', 'fsdp') mesh axes
+    c.train.learning_rate = 1e-3
+    c.train.warmup_steps = 100
+    c.train.lr_schedule = "constant"  # constant | cosine (after warmup)
+    c.train.weight_decay = 0.0
+    c.train.b1 = 0.9
+    c.train.b2 = 0.98
+    c.train.grad_clip = 1.0  # global-norm clip; 0 disables
+    c.train.ema_decay = 0.9999  # 0 disables EMA params
+    c.train.log_every = 50
+    c.train.checkpoint_every = 500
+    c.train.eval_every = 500  # 0 disables periodic eval
+    c.train.max_checkpoints = 3
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.num_batches = 8  # -1: the whole val split once
+    c.eval.batch_size = 32
+    c.eval.use_ema = True
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.num_samples = 4
+    c.sample.steps = 128
+    c.sample.length = 0  # 0: data.seq_len
+    c.sample.temperature = 1.0
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: fill with the devices left over
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """Imports a python config file and returns its `get_config()`, locked against new keys."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path!r} not found; pass e.g. --config=configs/quickstart.py")
+    spec = importlib.util.spec_from_file_location("dlm_jax_user_config", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 -- any failure inside the user's file is reported in one line
+        raise UserError(f"config file {path!r} failed to import: {type(e).__name__}: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise UserError(f"config file {path!r} has no get_config() function")
+    config = module.get_config()
+    check_schema(config, where=path)
+    config.lock()
+    return config
+
+
+def check_schema(config: ml_collections.ConfigDict, where: str) -> None:
+    """Every key of `config` must exist in `base_config()` with the same type (catches typos in recipes)."""
+    base = base_config()
+    for key, value in _flatten(config).items():
+        try:
+            default = get_value(base, key)
+        except KeyError:
+            raise UserError(f"{where}: unknown config key {key!r} (see dlm_jax/config.py:base_config)") from None
+        _cast(key, value, default)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
+    """Applies `--config.a.b=value` strings; the value is parsed as a python literal of the key's type."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    for item in overrides:
+        if not item.startswith("--config.") or "=" not in item:
+            raise UserError(f"cannot parse argument {item!r}; config overrides look like --config.train.num_steps=100")
+        key, raw = item[len("--config.") :].split("=", 1)
+        try:
+            current = get_value(config, key)
+        except KeyError:
+            raise UserError(f"unknown config key {key!r} in {item!r}; see dlm_jax/config.py:base_config") from None
+        _set(config, key, _cast(key, _parse_literal(raw), current))
+    config.lock()
+    return config
+
+
+def _parse_literal(raw: str) -> Any:
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw  # a bare string
+
+
+def _cast(key: str, value: Any, default: Any) -> Any:
+    """Returns `value` converted to the type of `default`, or raises a one-line UserError."""
+    want = type(default)
+    if isinstance(value, want) and not (want is int and isinstance(value, bool)):
+        return value
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise UserError(f"config key {key!r} wants a {want.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def get_value(config: ml_collections.ConfigDict, key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise KeyError(key)
+        node = node[part]
+    if isinstance(node, ml_collections.ConfigDict):
+        raise KeyError(key)
+    return node
+
+
+def _set(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    with node.unlocked():
+        node[leaf] = value
+
+
+def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation of values and consistency
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UserError(f"config key {key!r} is {value!r}; choose one of {', '.join(allowed)}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks values and their consistency; raises a one-line UserError naming the key."""
+    m, d, t = config.model, config.data, config.train
+    _choice("model.family", m.family, FAMILIES)
+    _choice("model.mlp_type", m.mlp_type, ("swiglu", "gelu"))
+    _choice("model.norm", m.norm, ("rmsnorm", "layernorm"))
+    _choice("model.remat", m.remat, ("none", "full", "dots"))
+    _choice("model.dtype", m.dtype, ("float32", "bfloat16"))
+    _choice("model.attention_impl", m.attention_impl, ("auto", "xla"))
+    _choice("model.schedule", m.schedule, ("linear", "cosine", "poly"))
+    _choice("data.source", d.source, SOURCES)
+    _choice("data.tokenizer", d.tokenizer, TOKENIZERS)
+    _choice("data.packing", d.packing, ("wrap", "pad"))
+    _choice("train.lr_schedule", t.lr_schedule, ("constant", "cosine"))
+    for key in ("model.num_layers", "model.d_model", "model.num_heads", "model.mlp_dim", "data.seq_len",
+                "train.num_steps", "train.batch_size", "train.log_every", "train.checkpoint_every",
+                "eval.batch_size", "train.max_checkpoints", "data.streaming_val_documents"):
+        if get_value(config, key) < 1:
+            raise UserError(f"config key {key!r} must be >= 1, got {get_value(config, key)}")
+    if m.d_model % m.num_heads:
+        raise UserError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}")
+    if (m.d_model // m.num_heads) % 2:
+        raise UserError(f"head dim d_model/num_heads={m.d_model // m.num_heads} must be even for rotary embeddings")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise UserError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if not 0.0 < m.t_eps < 1.0:
+        raise UserError(f"model.t_eps must be in (0, 1), got {m.t_eps}")
+    if m.num_timesteps < 0:
+        raise UserError(f"model.num_timesteps must be >= 0 (0 = continuous time), got {m.num_timesteps}")
+    if d.source in ("text_files", "array_record") and not d.path:
+        raise UserError(f"data.source={d.source!r} needs --config.data.path=... (a file glob or directory)")
+    if d.tokenizer in ("hf", "sentencepiece") and not d.tokenizer_path:
+        raise UserError(f"data.tokenizer={d.tokenizer!r} needs --config.data.tokenizer_path=NAME_OR_PATH")
+    if not 0.0 < d.val_fraction < 1.0:
+        raise UserError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json(text: str, where: str) -> ml_collections.ConfigDict:
+    """Rebuilds a config saved by `to_json` (e.g. WORKDIR/config.json), filling keys added since with defaults."""
+    try:
+        saved = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where} is not valid JSON ({e}); restore it or retrain in a new --workdir") from e
+    config = base_config()
+    for key, value in _flatten(ml_collections.ConfigDict(saved)).items():
+        try:
+            default = get_value(config, key)
+        except KeyError:
+            raise UserError(f"{where}: unknown config key {key!r}; was it written by a newer dlm-jax?") from None
+        _set(config, key, _cast(key, value, default))
+    config.lock()
+    return config

@@ -1,0 +1,1 @@
+"""Data: tokenizers, document sources, the grain pipeline and offline preparation."""

@@ -1,0 +1,1 @@
+"""Forward processes and losses of every family, as pure functions."""

@@ -1,0 +1,25 @@
+"""Autoregressive next-token model on the same backbone (causal mask): the baseline and the judge.
+
+-log p(x) = sum_l -log p(x^l | x^{<l}); the input is [BOS] + x[:-1] (BOS = the tokenizer's EOS id).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def shift_right(x: Array, bos_id: int) -> Array:
+    """[BOS, x_0, ..., x_{L-2}]: the causal model reads this and predicts x. x: [B, L]."""
+    return jnp.concatenate([jnp.full_like(x[:, :1], bos_id), x[:, :-1]], axis=1)
+
+
+def nll_terms(logits_fn: Callable[[Array], Array], x: Array, loss_mask: Array, bos_id: int) -> dict[str, Array]:
+    """Summed next-token negative log-likelihood (nats) and the number of tokens it covers."""
+    log_probs = jax.nn.log_softmax(logits_fn(shift_right(x, bos_id)), axis=-1)
+    nll = -jnp.take_along_axis(log_probs, x[..., None], axis=-1)[..., 0]  # [B, L]
+    return {"nll_sum": (nll * loss_mask).sum(), "num_tokens": loss_mask.sum()}

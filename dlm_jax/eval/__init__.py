@@ -1,0 +1,1 @@
+"""Evaluation: likelihood (NELBO, ppl, bits), and later generation metrics."""

@@ -1,0 +1,72 @@
+"""Likelihood on the val split: NELBO (MDLM; an upper bound on the NLL) or NLL (AR), in nats per token.
+
+ppl = exp(nelbo), bits_per_token = nelbo / ln 2, and for byte/char tokenizers bpc = bits_per_token.
+Sums are pooled over all val tokens before dividing (not a mean of batch means).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import jax
+import numpy as np
+
+from dlm_jax.data import pipeline
+from dlm_jax.errors import UserError
+from dlm_jax.train import sharding
+from dlm_jax.train.state import TrainState, eval_params
+
+if TYPE_CHECKING:
+    from dlm_jax.train.loop import Experiment
+
+
+def summarize(nll_sum: float, num_tokens: float, character_level: bool) -> dict[str, float]:
+    """Per-token NELBO (nats), ppl and bits from pooled sums."""
+    nelbo = nll_sum / num_tokens
+    out = {"nelbo": nelbo, "ppl": math.exp(min(nelbo, 700.0)), "bits_per_token": nelbo / math.log(2),
+           "num_tokens": num_tokens}
+    if character_level:
+        out["bpc"] = out["bits_per_token"]
+    return out
+
+
+class Evaluator:
+    """Jitted likelihood over the val split; the val dataset is built once and re-read each call."""
+
+    def __init__(self, exp: Experiment, batch_sharding):
+        config = exp.config
+        self.exp = exp
+        self.batch_sharding = batch_sharding
+        self.dataset = pipeline.make_dataset(
+            config.data, exp.tokenizer, "validation", config.eval.batch_size // jax.process_count(),
+            seed=config.seed, shuffle=False, repeat=False, process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+
+        def eval_step(params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> dict[str, jax.Array]:
+            terms = exp.family.loss_terms(exp.model, params, batch, rng, config, train=False)
+            return {"nll_sum": terms["nll_sum"], "num_tokens": terms["num_tokens"]}
+
+        self._step = jax.jit(
+            eval_step,
+            in_shardings=(exp.state_shardings.params, batch_sharding, sharding.replicated(exp.mesh)),
+            out_shardings=sharding.replicated(exp.mesh),
+        )
+
+    def run(self, state: TrainState, step: int, num_batches: int) -> dict[str, Any]:
+        """NELBO over `num_batches` val batches (-1: the whole split once), same rng stream on every call."""
+        params = eval_params(state, self.exp.config.eval.use_ema)
+        base_rng = jax.random.PRNGKey(self.exp.config.seed + 1)
+        nll_sum, num_tokens = 0.0, 0.0
+        for i, batch in enumerate(self.dataset):
+            if 0 <= num_batches <= i:
+                break
+            terms = jax.device_get(self._step(params, sharding.global_batch(batch, self.batch_sharding),
+                                              jax.random.fold_in(base_rng, i)))
+            nll_sum += float(np.float64(terms["nll_sum"]))
+            num_tokens += float(terms["num_tokens"])
+        if num_tokens == 0:
+            raise UserError("the val split gave no tokens; check data.val_split / data.val_fraction")
+        results = summarize(nll_sum, num_tokens, self.exp.tokenizer.is_character_level)
+        return {"step": int(step), "metric": self.exp.family.metric_name, **results}

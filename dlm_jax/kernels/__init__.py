@@ -1,0 +1,1 @@
+"""Attention kernels behind one dispatcher (`attention.py`), checked against `reference.py`."""

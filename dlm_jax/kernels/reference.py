@@ -1,0 +1,29 @@
+"""Plain-jnp attention: the reference every kernel is tested against, and the `xla` implementation."""
+
+import jax
+import jax.numpy as jnp
+
+MASK_MODES = ("full", "causal")
+
+
+def attention_bias_mask(mode: str, q_len: int, kv_len: int) -> jax.Array | None:
+    """Boolean [q_len, kv_len] mask of allowed (query, key) pairs for `mode`, or None when all are allowed."""
+    if mode == "full":
+        return None
+    if mode == "causal":
+        return jnp.arange(q_len)[:, None] >= jnp.arange(kv_len)[None, :]
+    raise ValueError(f"unknown attention mask mode {mode!r}; choose one of {MASK_MODES}")
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_mode: str = "full") -> jax.Array:
+    """softmax(q k^T / sqrt(d) + mask) v, with the softmax in float32.
+
+    q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D] in q's dtype.
+    """
+    scale = q.shape[-1] ** -0.5
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    mask = attention_bias_mask(mask_mode, q.shape[1], k.shape[1])
+    if mask is not None:
+        scores = jnp.where(mask[None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)

@@ -1,0 +1,1 @@
+"""Backbone and heads shared by every model family."""

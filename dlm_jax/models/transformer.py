@@ -1,0 +1,262 @@
+"""The one backbone for every family: a pre-norm transformer with rotary positions and optional adaLN-zero.
+
+DiT-style time conditioning (Peebles & Xie 2023, as used by MDLM): sinusoidal(t) -> MLP -> per-block
+shift/scale/gate, zero-initialised so every block starts as the identity. Layers run under `nn.scan`
+(one compiled block, params stacked on a leading `layers` axis) with optional remat. Weights carry
+logical axis names; `dlm_jax/train/sharding.py` maps them to the device mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dlm_jax.kernels import attention as attention_lib
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Static shape and numerics of the backbone (hashable, so it can live on a flax Module)."""
+
+    vocab_size: int
+    num_layers: int
+    d_model: int
+    num_heads: int
+    mlp_dim: int
+    mask_mode: str = "full"  # full | causal
+    mlp_type: str = "swiglu"
+    norm: str = "rmsnorm"
+    time_conditioning: bool = False
+    cond_dim: int = 128
+    dropout: float = 0.0
+    rope_base: float = 10000.0
+    scan_layers: bool = True
+    remat: str = "none"
+    dtype: str = "float32"
+    attention_impl: str = "auto"
+
+    @classmethod
+    def from_config(cls, model: ml_collections.ConfigDict, vocab_size: int, mask_mode: str) -> TransformerConfig:
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("vocab_size", "mask_mode")]
+        return cls(vocab_size=vocab_size, mask_mode=mask_mode, **{n: model[n] for n in names})
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+
+def _dense_init(axes: tuple[str, ...], init=nn.initializers.lecun_normal()):
+    return nn.with_logical_partitioning(init, axes)
+
+
+def _constrain(x: Array, axes: tuple[str, ...]) -> Array:
+    return nn.with_logical_constraint(x, axes)
+
+
+class Norm(nn.Module):
+    """RMSNorm or weight-only LayerNorm, computed in float32."""
+
+    kind: str
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x - jnp.mean(x, axis=-1, keepdims=True)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + 1e-6)
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],))
+        return (x * scale).astype(dtype)
+
+
+def rotary_tables(length: int, head_dim: int, base: float) -> tuple[Array, Array]:
+    """cos/sin tables [L, head_dim/2] for rotary position embeddings (Su et al. 2021)."""
+    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotates pairs (x1, x2) of the two halves of the head dim. x: [B, L, H, D]."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array:
+    """Sinusoidal features of t in [0, 1] (scaled by 1000, as in DiT). t: [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = 1000.0 * t.astype(jnp.float32)[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class Projection(nn.Module):
+    """x [..., *in_shape] @ kernel [*in_shape, *out_shape]: a multi-axis Dense whose kernel keeps its shape.
+
+    (flax's DenseGeneral initialises a flattened kernel, which breaks per-axis logical partitioning.)
+    """
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        n_in, n_out = len(self.in_shape), len(self.out_shape)
+        init = nn.initializers.variance_scaling(
+            1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out))
+        )
+        kernel = self.param("kernel", _dense_init(self.axes, init), self.in_shape + self.out_shape)
+        contract = tuple(range(x.ndim - n_in, x.ndim))
+        return jax.lax.dot_general(
+            x.astype(self.dtype), kernel.astype(self.dtype), ((contract, tuple(range(n_in))), ((), ()))
+        )
+
+
+class Attention(nn.Module):
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: Array, cos: Array, sin: Array) -> Array:
+        cfg = self.cfg
+        heads = (cfg.num_heads, cfg.head_dim)
+        q, k, v = (
+            Projection((cfg.d_model,), heads, ("embed", "heads", "kv"), cfg.compute_dtype, name=n)(x)
+            for n in ("query", "key", "value")
+        )  # [B, L, H, D]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q = _constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
+        out = attention_lib.attention(q, k, v, mask_mode=cfg.mask_mode, impl=cfg.attention_impl)
+        return Projection(heads, (cfg.d_model,), ("heads", "kv", "embed"), cfg.compute_dtype, name="out")(out)
+
+
+class Mlp(nn.Module):
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.cfg
+        dense = dict(dtype=cfg.compute_dtype, use_bias=False, kernel_init=_dense_init(("embed", "mlp")))
+        if cfg.mlp_type == "swiglu":
+            h = nn.silu(nn.Dense(cfg.mlp_dim, name="wi_gate", **dense)(x)) * nn.Dense(cfg.mlp_dim, name="wi", **dense)(x)
+        else:
+            h = nn.gelu(nn.Dense(cfg.mlp_dim, name="wi", **dense)(x))
+        h = _constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
+        return nn.Dense(
+            cfg.d_model, dtype=cfg.compute_dtype, use_bias=False, kernel_init=_dense_init(("mlp", "embed")), name="wo"
+        )(h)
+
+
+def _modulation(cond: Array | None, num: int, d_model: int, name: str) -> list[Array | None]:
+    """adaLN-zero: `num` vectors [B, 1, D] from cond (zero-initialised), or Nones without conditioning.
+
+    Called inside a compact `__call__`, so the Dense registers on the calling module.
+    """
+    if cond is None:
+        return [None] * num
+    mod = nn.Dense(
+        num * d_model,
+        kernel_init=_dense_init(("cond", "embed"), nn.initializers.zeros),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        name=name,
+    )(nn.silu(cond))
+    return [m[:, None, :] for m in jnp.split(mod, num, axis=-1)]
+
+
+def _modulate(x: Array, shift: Array | None, scale: Array | None) -> Array:
+    return x if shift is None else x * (1 + scale.astype(x.dtype)) + shift.astype(x.dtype)
+
+
+class Block(nn.Module):
+    """x + gate * Attn(modulate(norm(x))); x + gate * MLP(modulate(norm(x)))."""
+
+    cfg: TransformerConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, cond: Array | None, cos: Array, sin: Array) -> tuple[Array, None]:
+        cfg = self.cfg
+        shift1, scale1, gate1, shift2, scale2, gate2 = _modulation(cond, 6, cfg.d_model, "adaln")
+        h = Attention(cfg, name="attention")(_modulate(Norm(cfg.norm, name="norm1")(x), shift1, scale1), cos, sin)
+        h = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(h)
+        x = x + (h if gate1 is None else gate1.astype(h.dtype) * h)
+        h = Mlp(cfg, name="mlp")(_modulate(Norm(cfg.norm, name="norm2")(x), shift2, scale2))
+        h = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(h)
+        x = x + (h if gate2 is None else gate2.astype(h.dtype) * h)
+        return _constrain(x, ("activation_batch", "activation_length", "activation_embed")), None
+
+
+class Transformer(nn.Module):
+    """tokens [B, L] (+ t [B] when time-conditioned) -> logits [B, L, vocab] in float32."""
+
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, tokens: Array, t: Array | None = None, deterministic: bool = True) -> Array:
+        cfg = self.cfg
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            name="embed",
+        )
+        x = embed(tokens).astype(cfg.compute_dtype)  # [B, L, D]
+        x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        cond = None
+        if cfg.time_conditioning:
+            if t is None:
+                raise ValueError("this model is time-conditioned: pass t")
+            dense = dict(kernel_init=_dense_init((None, "cond")))
+            cond = nn.Dense(cfg.cond_dim, name="time_in", **dense)(timestep_embedding(t, cfg.cond_dim))
+            cond = nn.Dense(cfg.cond_dim, name="time_out", **dense)(nn.silu(cond))  # [B, cond_dim]
+        cos, sin = rotary_tables(tokens.shape[1], cfg.head_dim, cfg.rope_base)
+
+        block = Block
+        if cfg.remat != "none":
+            policy = jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims if cfg.remat == "dots" else None
+            block = nn.remat(Block, prevent_cse=not cfg.scan_layers, policy=policy)
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, deterministic, name="layers")
+            x, _ = stack(x, cond, cos, sin)
+        else:
+            for i in range(cfg.num_layers):
+                x, _ = block(cfg, deterministic, name=f"layer_{i}")(x, cond, cos, sin)
+
+        shift, scale = _modulation(cond, 2, cfg.d_model, "final_adaln")
+        x = _modulate(Norm(cfg.norm, name="final_norm")(x), shift, scale)
+        logits = nn.Dense(
+            cfg.vocab_size,
+            dtype=cfg.compute_dtype,
+            use_bias=False,
+            kernel_init=_dense_init(("embed", "vocab"), nn.initializers.zeros),
+            name="head",
+        )(x)
+        return _constrain(logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab"))
+
+
+def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward) of the matmuls, attention included."""
+    mlp_mats = 3 if cfg.mlp_type == "swiglu" else 2
+    per_layer = 2 * (4 * cfg.d_model * cfg.d_model + mlp_mats * cfg.d_model * cfg.mlp_dim)  # projections + MLP
+    per_layer += 2 * 2 * seq_len * cfg.d_model  # q k^T and probs v
+    return 3.0 * (cfg.num_layers * per_layer + 2 * cfg.d_model * cfg.vocab_size)

@@ -1,0 +1,1 @@
+"""Reverse processes (samplers) of every family, each a jitted lax.scan / lax.while_loop."""

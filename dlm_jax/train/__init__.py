@@ -1,0 +1,1 @@
+"""Training: sharded state, optimizer, checkpoints, metrics and the one train loop."""

@@ -1,0 +1,78 @@
+"""Orbax checkpoints of the train state plus the data-iterator state, with safe fallback on corruption.
+
+Layout: WORKDIR/checkpoints/<step>/{state,data}. A checkpoint that fails to restore is never deleted:
+when an older one restores, the unreadable newer ones are renamed `<step>.corrupt` (orbax ignores them)
+and the user is told; when none restores, nothing is touched and a one-line error says so.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from dlm_jax.errors import UserError
+
+
+def _short(e: Exception) -> str:
+    text = f"{type(e).__name__}: {e}".replace("\n", " ")
+    return text[:200] + ("..." if len(text) > 200 else "")
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, max_to_keep: int):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self._max_to_keep = max_to_keep
+        self._open()
+
+    def _open(self) -> None:
+        options = ocp.CheckpointManagerOptions(max_to_keep=self._max_to_keep, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, data_state: dict) -> None:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+        self.manager.save(step, args=args, force=True)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict, int] | None:
+        """(state, data_state, step) from the newest readable checkpoint, or None when there is none."""
+        failures: list[tuple[int, str]] = []
+        for step in reversed(self.steps()):
+            try:
+                args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+                restored = self.manager.restore(step, args=args)
+            except Exception as e:  # noqa: BLE001 -- any unreadable checkpoint is handled the same way
+                failures.append((step, _short(e)))
+                continue
+            if failures:
+                self._set_aside([s for s, _ in failures])
+                bad = ", ".join(f"step {s} ({why})" for s, why in failures)
+                print(f"warning: unreadable checkpoint(s) {bad}; resumed from step {step} instead "
+                      f"(the bad ones were renamed <step>.corrupt in {self.directory})", file=sys.stderr)
+            return restored["state"], restored["data"], step
+        if failures:
+            step, why = failures[0]
+            raise UserError(
+                f"no readable checkpoint in {self.directory} (latest, step {step}: {why}); "
+                "use a new --workdir, or fix/remove the broken step directories"
+            )
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        self.manager.close()
+        if jax.process_index() == 0:
+            for step in steps:
+                os.rename(os.path.join(self.directory, str(step)), os.path.join(self.directory, f"{step}.corrupt"))
+        self._open()
