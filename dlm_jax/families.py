@@ -7,13 +7,16 @@ The train loop, checkpointing, eval and CLI only talk to a `Family`, so they nev
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from dlm_jax.diffusion import autoregressive, masked
-from dlm_jax.models.transformer import Transformer, TransformerConfig
+from dlm_jax.errors import UserError
+from dlm_jax.models.transformer import Transformer, TransformerConfig, init_cache
 from dlm_jax.sampling import autoregressive as ar_sampling
 from dlm_jax.sampling import masked as masked_sampling
 
@@ -29,7 +32,9 @@ class Family:
     mask_mode: str  # attention mask of the backbone
     num_extra_tokens: int  # ids appended after the tokenizer's vocabulary (MDLM: [MASK])
     loss_terms: Callable[..., dict[str, Array]]  # (model, params, batch, rng, config, train) -> terms
-    sample: Callable[..., tuple[Array, dict[str, Array]]]  # (model, params, rng, config, n, length, steps)
+    samplers: tuple[str, ...]  # sampler names; the first is the default
+    check_sample: Callable[..., None]  # (model, config, spec, template) -> None or a one-line UserError
+    sample: Callable[..., tuple[Array, dict[str, Array]]]  # (model, params, rng, config, spec, template)
     metric_name: str  # what eval reports: "nelbo" (an upper bound on the NLL) or "nll"
 
 
@@ -48,11 +53,17 @@ def _mdlm_loss_terms(model, params, batch, rng, config, train):
     )
 
 
-def _mdlm_sample(model, params, rng, config, num_samples, length, steps):
-    return masked_sampling.ancestral_sample(
-        _apply(model, params, rng, train=False), rng, num_samples=num_samples, length=length, steps=steps,
-        mask_id=model.cfg.vocab_size - 1, schedule=masked.schedule_from_config(config.model),
-        temperature=config.sample.temperature,
+def _mdlm_check(model, config, spec, template):
+    del template
+    masked_sampling.check_spec(spec, model.cfg.time_conditioning)
+
+
+def _mdlm_sample(model, params, rng, config, spec, template):
+    """template: numpy int [L], -1 where tokens are generated."""
+    mask_id = model.cfg.vocab_size - 1
+    return masked_sampling.sample(
+        _apply(model, params, rng, train=False), rng, jnp.where(jnp.asarray(template) < 0, mask_id, template), spec,
+        mask_id=mask_id, schedule=masked.schedule_from_config(config.model), t_eps=config.model.t_eps,
     )
 
 
@@ -63,17 +74,30 @@ def _ar_loss_terms(model, params, batch, rng, config, train):
     )
 
 
-def _ar_sample(model, params, rng, config, num_samples, length, steps):
-    del steps  # one token per forward pass
-    return ar_sampling.ar_sample(
-        _apply(model, params, rng, train=False), rng, num_samples=num_samples, length=length,
-        bos_id=model.bos_id, temperature=config.sample.temperature,
-    )
+def _ar_check(model, config, spec, template):
+    if spec.sampler not in ar_sampling.SAMPLERS:
+        raise UserError(f"unknown sampler {spec.sampler!r} for an AR model; choose one of "
+                        f"{', '.join(ar_sampling.SAMPLERS)}")
+    ar_sampling.check_prompt(template)
+
+
+def _ar_sample(model, params, rng, config, spec, template):
+    num_prompt = ar_sampling.check_prompt(template)
+    template = jnp.asarray(template)
+    if spec.sampler == "ar_nocache":
+        return ar_sampling.sample_nocache(_apply(model, params, rng, train=False), rng, template, spec,
+                                          model.bos_id, num_prompt)
+
+    def decode_fn(tokens, cache, index):
+        return model.apply({"params": params}, tokens, cache=cache, cache_index=index)
+
+    cache = init_cache(model.cfg, spec.num_samples, template.shape[0])
+    return ar_sampling.sample_cached(decode_fn, cache, rng, template, spec, model.bos_id, num_prompt)
 
 
 FAMILIES: dict[str, Family] = {
-    "mdlm": Family("mdlm", "full", 1, _mdlm_loss_terms, _mdlm_sample, "nelbo"),
-    "ar": Family("ar", "causal", 0, _ar_loss_terms, _ar_sample, "nll"),
+    "mdlm": Family("mdlm", "full", 1, _mdlm_loss_terms, masked_sampling.SAMPLERS, _mdlm_check, _mdlm_sample, "nelbo"),
+    "ar": Family("ar", "causal", 0, _ar_loss_terms, ar_sampling.SAMPLERS, _ar_check, _ar_sample, "nll"),
 }
 
 

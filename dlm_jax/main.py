@@ -11,9 +11,12 @@ Bad input (config, data, workdir) ends with one `error: ...` line on stderr and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
-import time
+
+import numpy as np
 
 from dlm_jax import config as config_lib
 from dlm_jax.errors import UserError
@@ -25,19 +28,40 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (or resume) a model in --workdir")
     p.add_argument("--config", required=True, help="python config file with get_config()")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard events")
-    p = sub.add_parser("eval", help="NELBO / NLL, ppl and bits on the val split (last line: JSON)")
+    p = sub.add_parser("eval", help="NELBO / NLL, ppl and bits on the val split, or --gen: a sampler sweep")
     p.add_argument("--workdir", required=True)
+    p.add_argument("--gen", action="store_true", help="sweep samplers x steps: Gen PPL, entropy, NFE, wall time")
+    p.add_argument("--samplers", default=None, help="--gen: comma-separated sampler names (default: all)")
+    p.add_argument("--steps_list", default="16,64,256", help="--gen: comma-separated step counts")
+    p.add_argument("--output_dir", default=None, help="--gen: where gen_sweep.{json,csv,png} go (default: WORKDIR)")
+    _add_sampling_args(p)
     p = sub.add_parser("sample", help="draw samples from the latest checkpoint (last line: JSON)")
     p.add_argument("--workdir", required=True)
-    p.add_argument("--num_samples", type=int, default=None)
+    p.add_argument("--sampler", default=None, help="sampler name (default: the family's first)")
     p.add_argument("--steps", type=int, default=None, help="diffusion steps T (ignored by AR)")
-    p.add_argument("--length", type=int, default=None, help="tokens per sample (default: data.seq_len)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="JSONL file of the samples (default: WORKDIR/samples/...)")
+    _add_sampling_args(p)
     p = sub.add_parser("prepare", help="tokenize + pack a corpus into array_record shards")
     p.add_argument("--config", required=True)
     p.add_argument("--output_dir", required=True)
     p.add_argument("--num_shards", type=int, default=4)
     return parser
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num_samples", type=int, default=None)
+    p.add_argument("--length", type=int, default=None, help="tokens per sample, prompt included (default: seq_len)")
+    p.add_argument("--batch_size", type=int, default=None, help="samples per jitted call (default: num_samples)")
+    p.add_argument("--prompt", default=None, help="text kept as the prefix of every sample")
+    p.add_argument("--infill", default=None, help="text with [MASK] / [MASK*N] spans to fill (diffusion models)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    p.add_argument("--block_length", type=int, default=0, help="semi_ar: tokens per block (default 16)")
+    p.add_argument("--inner", default="ancestral", help="semi_ar: the sampler inside each block")
+    p.add_argument("--unmask_schedule", default="linear", help="topk_confidence: linear or cosine")
+    p.add_argument("--judge_workdir", default=None, help="an AR workdir that scores the samples (Gen PPL)")
+    p.add_argument("--retokenize", action="store_true", help="score with a judge of another tokenizer")
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -64,62 +88,84 @@ def cmd_train(args, config) -> None:
     print(json.dumps({"workdir": args.workdir, **metrics}))
 
 
-def _restore(workdir: str, config):
-    """The experiment of `config` and the latest checkpoint in workdir (no optimizer work done)."""
-    from dlm_jax.train import checkpoint, sharding
-    from dlm_jax.train.loop import build_experiment
+def _sampling_setup(args, config, sampler: str, steps: int):
+    """(experiment, params, step, spec, template, judge) for `sample` and `eval --gen`; validates everything
+    before any compile."""
+    from dlm_jax.eval.genppl import Judge
+    from dlm_jax.sampling.loop import SampleSpec
+    from dlm_jax.sampling.prompts import build_template
+    from dlm_jax.train.loop import restore_for_inference
 
-    exp = build_experiment(config)
-    checkpointer = checkpoint.Checkpointer(workdir, config.train.max_checkpoints)
-    with sharding.mesh_context(exp.mesh):
-        restored = checkpointer.restore_latest(exp.abstract_state)
-    checkpointer.close()
-    if restored is None:
-        raise UserError(f"no checkpoint in {workdir!r}; train first: dlm-jax train --config=... --workdir={workdir}")
-    state, _, step = restored
-    return exp, state, step
+    num_samples = config.sample.num_samples if args.num_samples is None else args.num_samples
+    batch_size = num_samples if args.batch_size is None else args.batch_size
+    for name, value in (("--num_samples", num_samples), ("--steps", steps), ("--batch_size", batch_size)):
+        if value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
+    if not 0.0 < args.top_p <= 1.0:
+        raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
+    temperature = config.sample.temperature if args.temperature is None else args.temperature
+    if temperature < 0:
+        raise UserError(f"--temperature must be >= 0, got {temperature}")
+    exp, params, step = restore_for_inference(args.workdir, config)
+    length = args.length
+    if length is None and args.infill is None:
+        length = config.sample.length or config.data.seq_len
+    template = build_template(exp.tokenizer, length, args.prompt, args.infill)
+    if len(template) > config.data.seq_len:
+        raise UserError(f"the model was trained on data.seq_len={config.data.seq_len} tokens; cannot sample "
+                        f"{len(template)} (lower --length, or pass --config.data.seq_len={len(template)} to force it)")
+    spec = SampleSpec(sampler=sampler or exp.family.samplers[0], num_samples=num_samples, length=len(template),
+                      steps=steps, temperature=temperature, top_p=args.top_p, block_length=args.block_length,
+                      inner=args.inner, unmask_schedule=args.unmask_schedule)
+    exp.family.check_sample(exp.model, config, spec, template)
+    judge = Judge(args.judge_workdir) if args.judge_workdir else None
+    if judge is not None:
+        judge.prepare(np.zeros((1, 1), np.int32), exp.tokenizer, args.retokenize)  # tokenizer clash: fail early
+    return exp, params, step, spec, template, judge, batch_size
 
 
 def cmd_eval(args, config) -> None:
+    if args.gen:
+        return _cmd_eval_gen(args, config)
     from dlm_jax.eval.likelihood import Evaluator
     from dlm_jax.train import sharding
+    from dlm_jax.train.loop import restore_for_inference
 
-    exp, state, step = _restore(args.workdir, config)
+    exp, params, step = restore_for_inference(args.workdir, config)
     with sharding.mesh_context(exp.mesh):
-        results = Evaluator(exp, sharding.batch_sharding(exp.mesh)).run(state, step, config.eval.num_batches)
+        results = Evaluator(exp, sharding.batch_sharding(exp.mesh)).run(params, step, config.eval.num_batches)
     print(json.dumps(results))
 
 
+def _cmd_eval_gen(args, config) -> None:
+    from dlm_jax.eval.sweep import run_sweep
+
+    steps_list = [int(x) for x in args.steps_list.split(",") if x.strip()]
+    exp, params, step, spec, template, judge, batch_size = _sampling_setup(args, config, None, min(steps_list))
+    samplers = args.samplers.split(",") if args.samplers else list(exp.family.samplers)
+    for name in samplers:  # every setting is checked before the first (slow) one runs
+        for steps in steps_list:
+            exp.family.check_sample(exp.model, config, dataclasses.replace(spec, sampler=name, steps=steps), template)
+    result = run_sweep(exp, params, spec, samplers, steps_list, template, args.seed, batch_size, judge,
+                       args.retokenize, args.output_dir or args.workdir)
+    print(json.dumps({"step": step, **result}))
+
+
 def cmd_sample(args, config) -> None:
-    import jax
+    from dlm_jax.eval.sweep import generation_row
 
-    from dlm_jax.train import sharding
-    from dlm_jax.train.state import eval_params
-
-    num_samples = args.num_samples or config.sample.num_samples
-    steps = args.steps or config.sample.steps
-    length = args.length or config.sample.length or config.data.seq_len
-    for name, value in (("--num_samples", num_samples), ("--steps", steps), ("--length", length)):
-        if value < 1:
-            raise UserError(f"{name} must be >= 1, got {value}")
-    exp, state, step = _restore(args.workdir, config)
-    params = eval_params(state, config.eval.use_ema)
-    with sharding.mesh_context(exp.mesh):
-        sample = jax.jit(lambda p, rng: exp.family.sample(exp.model, p, rng, config, num_samples, length, steps))
-        rng = jax.random.PRNGKey(args.seed)
-        jax.block_until_ready(sample(params, rng))  # compile outside the timing
-        start = time.perf_counter()
-        tokens, stats = jax.block_until_ready(sample(params, rng))
-        seconds = time.perf_counter() - start
-    tokens = jax.device_get(tokens)
-    for i, row in enumerate(tokens):
-        print(f"--- sample {i} (step {step}) ---")
-        print(exp.tokenizer.decode(row))
-    print(json.dumps({
-        "sampler": "ancestral" if exp.family.name == "mdlm" else "ar", "family": exp.family.name,
-        "steps": steps if exp.family.name != "ar" else length, "nfe": int(stats["nfe"]), "num_samples": num_samples,
-        "length": length, "seconds": seconds, "tokens_per_second": num_samples * length / seconds,
-    }))
+    steps = config.sample.steps if args.steps is None else args.steps
+    exp, params, step, spec, template, judge, batch_size = _sampling_setup(args, config, args.sampler, steps)
+    tokens, row = generation_row(exp, params, spec, template, args.seed, batch_size, judge, args.retokenize)
+    output = args.output or os.path.join(args.workdir, "samples", f"{spec.sampler}_T{steps}_seed{args.seed}.jsonl")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
+        for i, ids in enumerate(tokens):
+            text = exp.tokenizer.decode(ids)
+            print(f"--- sample {i} (step {step}, {spec.sampler}) ---")
+            print(text)
+            f.write(json.dumps({"text": text, "tokens": [int(x) for x in ids]}) + "\n")
+    print(json.dumps({**row, "family": exp.family.name, "checkpoint_step": step, "output": output}))
 
 
 def cmd_prepare(args, config) -> None:

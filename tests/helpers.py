@@ -6,7 +6,8 @@ import ml_collections
 
 from dlm_jax import config as config_lib
 
-SHAKESPEARE = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAKESPEARE = os.path.join(os.path.dirname(ROOT), "shared", "data", "tinyshakespeare.txt")
 
 
 def small_corpus(tmp_path, num_chars: int = 60_000) -> str:

@@ -7,9 +7,7 @@ import sys
 
 import pytest
 
-from tests.helpers import small_corpus
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, small_corpus
 TINY = ["--config.model.num_layers=2", "--config.model.d_model=32", "--config.model.num_heads=2",
         "--config.model.mlp_dim=64", "--config.data.seq_len=32", "--config.train.batch_size=8",
         "--config.eval.batch_size=8", "--config.train.log_every=2", "--config.train.checkpoint_every=4",
@@ -33,13 +31,23 @@ def corpus(tmp_path_factory):
     return small_corpus(tmp_path_factory.mktemp("corpus"))
 
 
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory, corpus):
+    """A tiny MDLM and a tiny AR, trained through the CLI (4 steps, eval at step 4)."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for family in ("mdlm", "ar"):
+        workdir = str(root / family)
+        proc = run("train", f"--config=configs/shakespeare_{family}.py", f"--workdir={workdir}",
+                   f"--config.data.path={corpus}", "--config.train.num_steps=4", "--config.train.eval_every=4", *TINY)
+        assert last_json(proc.stdout)["workdir"] == workdir
+        out[family] = workdir
+    return out
+
+
 @pytest.mark.parametrize("family", ["mdlm", "ar"])
-def test_train_eval_sample_end_to_end(tmp_path, corpus, family):
-    workdir = str(tmp_path / family)
-    config = "configs/shakespeare_mdlm.py" if family == "mdlm" else "configs/shakespeare_ar.py"
-    out = run("train", f"--config={config}", f"--workdir={workdir}", f"--config.data.path={corpus}",
-              "--config.train.num_steps=4", "--config.train.eval_every=4", *TINY)
-    assert last_json(out.stdout)["workdir"] == workdir
+def test_train_eval_sample_end_to_end(workdirs, family):
+    workdir = workdirs[family]
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert {"step", "loss", "learning_rate", "tokens_per_second"} <= set(records[0])
     assert any("val_bpc" in r for r in records)
@@ -49,12 +57,59 @@ def test_train_eval_sample_end_to_end(tmp_path, corpus, family):
     assert {"step", "nelbo", "ppl", "bits_per_token", "num_tokens", "bpc"} <= set(result)
     assert result["step"] == 4 and result["num_tokens"] == 2 * 8 * 32 and 0 < result["nelbo"] < 10
 
-    out = run("sample", f"--workdir={workdir}", "--num_samples=2", "--steps=8", "--length=16")
+    output = os.path.join(workdir, "s.jsonl")
+    args = ["sample", f"--workdir={workdir}", "--num_samples=3", "--batch_size=2", "--steps=8", "--length=16",
+            "--prompt=To be", f"--judge_workdir={workdirs['ar']}", f"--output={output}"]
+    out = run(*args)
     stats = last_json(out.stdout)
-    assert {"sampler", "steps", "nfe", "num_samples", "length", "seconds", "tokens_per_second"} <= set(stats)
-    assert stats["num_samples"] == 2 and stats["length"] == 16
-    assert stats["nfe"] == (9 if family == "mdlm" else 16)
-    assert out.stdout.count("--- sample") == 2
+    keys = {"sampler", "steps", "nfe", "num_samples", "length", "seconds", "tokens_per_second", "entropy_bits",
+            "gen_ppl"}
+    assert keys <= set(stats)
+    assert stats["num_samples"] == 3 and stats["length"] == 16 and stats["gen_ppl"] > 1
+    assert stats["sampler"] == ("ancestral" if family == "mdlm" else "ar")
+    assert 1 <= stats["nfe"] <= (8 if family == "mdlm" else 16 - 5)
+    samples = [json.loads(line) for line in open(output)]
+    assert len(samples) == 3 and all(s["text"].startswith("To be") and len(s["tokens"]) == 16 for s in samples)
+    assert out.stdout.count("--- sample") == 3
+    run(*args[:-1], f"--output={output}.2")
+    again = [json.loads(line) for line in open(f"{output}.2")]
+    assert again == samples  # same seed, same samples
+
+
+def test_generation_sweep_writes_table_and_plot(workdirs, tmp_path):
+    out = run("eval", f"--workdir={workdirs['mdlm']}", "--gen", "--samplers=ancestral,cached", "--steps_list=4,8",
+              "--num_samples=2", "--length=16", f"--judge_workdir={workdirs['ar']}", f"--output_dir={tmp_path}")
+    rows = last_json(out.stdout)["rows"]
+    assert [(r["sampler"], r["steps"]) for r in rows] == [("ancestral", 4), ("ancestral", 8), ("cached", 4),
+                                                            ("cached", 8)]
+    assert all(r["gen_ppl"] > 1 for r in rows)
+    assert {"gen_sweep.json", "gen_sweep.csv", "gen_sweep.png"} <= set(os.listdir(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--sampler=nope"], "unknown sampler 'nope'"),
+        (["--steps=0"], "--steps must be >= 1"),
+        (["--length=4096"], "trained on data.seq_len=32"),
+        (["--infill=ab[MASK*3]c", "--sampler=cached"], None),  # fine: infill on a diffusion model
+    ],
+)
+def test_sample_bad_input_is_one_line(workdirs, extra, message):
+    proc = run("sample", f"--workdir={workdirs['mdlm']}", "--num_samples=1", "--steps=4", *extra, check=message is None)
+    if message is not None:
+        _assert_one_line_error(proc, message)
+
+
+def test_judge_with_another_tokenizer_is_refused_unless_retokenized(workdirs, corpus, tmp_path):
+    judge = str(tmp_path / "char_ar")
+    run("train", "--config=configs/shakespeare_ar.py", f"--workdir={judge}", f"--config.data.path={corpus}",
+        "--config.data.tokenizer=char", "--config.train.num_steps=1", "--config.train.eval_every=0", *TINY)
+    args = ["sample", f"--workdir={workdirs['mdlm']}", "--num_samples=1", "--steps=4", "--length=16",
+            f"--judge_workdir={judge}"]
+    _assert_one_line_error(run(*args, check=False), "--retokenize")
+    proc = run(*args, "--retokenize")
+    assert last_json(proc.stdout)["gen_ppl"] > 1 and "re-tokenizing" in proc.stderr
 
 
 def test_quickstart_config_runs_on_the_embedded_corpus(tmp_path):

@@ -1,58 +1,206 @@
-"""Minimal samplers: MDLM ancestral and AR decoding as lax.scan loops."""
+"""Samplers: MDLM rules as jitted scans (known tokens fixed, no [MASK] left, cached == ancestral), AR decoding
+with and without the KV cache, nucleus / temperature draws with exact entropy, templates."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from dlm_jax.data.tokenizers import ByteTokenizer
 from dlm_jax.diffusion.schedules import MaskSchedule
-from dlm_jax.sampling.autoregressive import ar_sample
-from dlm_jax.sampling.loop import sample_categorical
-from dlm_jax.sampling.masked import ancestral_sample
+from dlm_jax.errors import UserError
+from dlm_jax.models.transformer import Transformer, TransformerConfig, init_cache
+from dlm_jax.sampling import autoregressive as ar
+from dlm_jax.sampling import masked
+from dlm_jax.sampling.loop import SampleSpec, nucleus_logits, sample_categorical
+from dlm_jax.sampling.prompts import build_template
 
 V, MASK = 6, 6
+W = 2.0 * jax.random.normal(jax.random.PRNGKey(5), (V + 1, V + 1))
 
 
-def test_ancestral_fills_every_position_and_never_draws_mask():
+def bigram_logits(z, t):
+    """A t-agnostic toy model: every position's logits depend on its own (possibly masked) token."""
+    del t
+    return W[z]
+
+
+def _sample(name, template, steps, n=3, fn=bigram_logits, seed=0, **kw):
+    spec = SampleSpec(sampler=name, num_samples=n, length=template.shape[0], steps=steps, **kw)
+    masked.check_spec(spec, time_conditioned=False)
+    run = jax.jit(lambda rng: masked.sample(fn, rng, template, spec, mask_id=MASK, schedule=MaskSchedule("linear")))
+    tokens, stats = run(jax.random.PRNGKey(seed))
+    return np.asarray(tokens), int(stats["nfe"])
+
+
+SAMPLERS = [("ancestral", {}), ("cached", {}), ("first_hitting", {}), ("topk_confidence", {}),
+            ("topk_confidence", {"unmask_schedule": "cosine"}), ("semi_ar", {"block_length": 8}),
+            ("semi_ar", {"block_length": 8, "inner": "topk_confidence"}),
+            ("semi_ar", {"block_length": 8, "inner": "first_hitting"})]
+
+
+@pytest.mark.parametrize("name,kw", SAMPLERS)
+def test_known_tokens_never_change_and_no_mask_is_left(name, kw):
+    template = jnp.full((24,), MASK).at[:3].set(jnp.array([1, 2, 3])).at[10:13].set(jnp.array([4, 0, 5]))
+    tokens, nfe = _sample(name, template, steps=12, **kw)
+    known = np.asarray(template) != MASK
+    np.testing.assert_array_equal(tokens[:, known], np.broadcast_to(np.asarray(template)[known], (3, known.sum())))
+    assert not (tokens == MASK).any() and tokens.max() < V
+    assert 1 <= nfe <= 24
+
+
+def test_cached_equals_ancestral_token_for_token_with_fewer_forwards():
+    template = jnp.full((16,), MASK)
+    for seed in range(3):
+        reference, nfe_ancestral = _sample("ancestral", template, steps=64, n=1, seed=seed)
+        cached, nfe_cached = _sample("cached", template, steps=64, n=1, seed=seed)
+        np.testing.assert_array_equal(cached, reference)
+        assert nfe_ancestral >= 63 and nfe_cached <= min(64, 16)
+
+
+def test_cached_skips_the_forward_for_real():
+    """The skipped forward is not executed: count calls of a host callback inside the model."""
     calls = []
 
-    def logits_fn(z, t):
-        calls.append(1)
-        return jnp.zeros(z.shape + (V + 1,))
+    def counting(z, t):
+        jax.debug.callback(lambda: calls.append(1))
+        return bigram_logits(z, t)
 
-    tokens, stats = jax.jit(
-        lambda rng: ancestral_sample(logits_fn, rng, num_samples=3, length=20, steps=8, mask_id=MASK,
-                                     schedule=MaskSchedule("linear"))
-    )(jax.random.PRNGKey(0))
-    assert tokens.shape == (3, 20)
-    assert int(jnp.sum(tokens == MASK)) == 0 and int(tokens.max()) < V
-    assert int(stats["nfe"]) == 9  # 8 steps + the final argmax pass
-    assert len(calls) == 2  # traced once inside the scan body and once for the final pass: no Python loop
+    _, nfe = _sample("cached", jnp.full((8,), MASK), steps=64, n=1, fn=counting)
+    jax.effects_barrier()
+    assert len(calls) == nfe <= 8
 
 
-def test_ancestral_with_an_oracle_reproduces_the_target():
-    target = jnp.arange(12) % V
-
-    def logits_fn(z, t):
-        return jnp.broadcast_to(50.0 * jax.nn.one_hot(target, V + 1), z.shape + (V + 1,))
-
-    tokens, _ = ancestral_sample(logits_fn, jax.random.PRNGKey(1), num_samples=2, length=12, steps=4, mask_id=MASK,
-                                 schedule=MaskSchedule("cosine"))
-    np.testing.assert_array_equal(tokens, jnp.broadcast_to(target, (2, 12)))
+def test_first_hitting_uses_one_forward_per_masked_token():
+    template = jnp.full((20,), MASK).at[:5].set(1)
+    _, nfe = _sample("first_hitting", template, steps=1, n=2)
+    assert nfe == 15
 
 
-def test_ar_sample_is_causal_and_greedy_exact():
-    """A fake causal model that predicts (previous token + 1) mod V yields BOS+1, BOS+2, ... at temperature 0."""
+def test_semi_ar_fills_blocks_left_to_right():
+    """Logits point at (number of unmasked tokens) mod V: with one argmax step per block, block b sees exactly
+    the b earlier blocks unmasked, so it is filled with (4 b) mod V."""
 
-    def logits_fn(inp):
-        return 10.0 * jax.nn.one_hot((inp + 1) % V, V)
+    def counter(z, t):
+        count = jnp.sum(z != MASK, axis=-1)  # [N]
+        return jnp.broadcast_to(10.0 * jax.nn.one_hot(count % V, V + 1)[:, None, :], z.shape + (V + 1,))
 
-    tokens, stats = ar_sample(logits_fn, jax.random.PRNGKey(0), num_samples=2, length=7, bos_id=2, temperature=0.0)
-    np.testing.assert_array_equal(tokens[0], [(2 + i) % V for i in range(1, 8)])
-    assert int(stats["nfe"]) == 7
+    tokens, nfe = _sample("semi_ar", jnp.full((12,), MASK), steps=3, n=1, fn=counter, block_length=4,
+                          inner="topk_confidence", temperature=0.0)
+    np.testing.assert_array_equal(tokens[0], [0] * 4 + [4] * 4 + [2] * 4)
+    assert nfe == 3
 
 
-def test_categorical_frequencies_match_probabilities():
-    probs = jnp.array([0.5, 0.3, 0.15, 0.05])
-    draws = sample_categorical(jax.random.PRNGKey(0), jnp.broadcast_to(jnp.log(probs), (200000, 4)))
-    freq = np.bincount(np.asarray(draws), minlength=4) / draws.size
-    np.testing.assert_allclose(freq, probs, atol=4e-3)
+def test_topk_linear_schedule_commits_evenly():
+    """T = L/2 with a linear schedule commits exactly two tokens per step."""
+    seen = []
+
+    def recording(z, t):
+        jax.debug.callback(lambda c: seen.append(int(c)), jnp.sum(z[0] == MASK))
+        return bigram_logits(z, t)
+
+    _sample("topk_confidence", jnp.full((12,), MASK), steps=6, n=1, fn=recording)
+    jax.effects_barrier()
+    assert seen == [12, 10, 8, 6, 4, 2]
+
+
+def test_sampler_errors_are_one_line():
+    with pytest.raises(UserError, match="unknown sampler 'nope'"):
+        masked.check_spec(SampleSpec("nope", 1, 8), False)
+    with pytest.raises(UserError, match="time_conditioning=False"):
+        masked.check_spec(SampleSpec("cached", 1, 8), True)
+    with pytest.raises(UserError, match="not divisible by the block length"):
+        masked.check_spec(SampleSpec("semi_ar", 1, 10, block_length=4), False)
+
+
+# ---------------------------------------------------------------------------------------------- AR
+
+
+@pytest.fixture(scope="module")
+def tiny_ar():
+    cfg = TransformerConfig(vocab_size=11, num_layers=2, d_model=32, num_heads=4, mlp_dim=64, mask_mode="causal")
+    model = Transformer(cfg)
+    params = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(2), x.shape), params)
+    return model, params
+
+
+def _ar_draw(model, params, sampler, template, temperature, top_p=1.0, seed=0):
+    spec = SampleSpec(sampler, 4, len(template), temperature=temperature, top_p=top_p)
+    num_prompt = ar.check_prompt(template)
+    template = jnp.asarray(template)
+
+    def run(rng):
+        if sampler == "ar_nocache":
+            return ar.sample_nocache(lambda x: model.apply({"params": params}, x), rng, template, spec, 10, num_prompt)
+        decode = lambda x, cache, i: model.apply({"params": params}, x, cache=cache, cache_index=i)  # noqa: E731
+        return ar.sample_cached(decode, init_cache(model.cfg, 4, len(template)), rng, template, spec, 10, num_prompt)
+
+    tokens, stats = jax.jit(run)(jax.random.PRNGKey(seed))
+    return np.asarray(tokens), int(stats["nfe"])
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (1.0, 0.8)])
+@pytest.mark.parametrize("prompt", [[], [3, 1, 4]])
+def test_ar_with_cache_equals_ar_without(tiny_ar, temperature, top_p, prompt):
+    model, params = tiny_ar
+    template = np.array(prompt + [-1] * (16 - len(prompt)), np.int32)
+    with_cache, nfe_cache = _ar_draw(model, params, "ar", template, temperature, top_p)
+    without, nfe_plain = _ar_draw(model, params, "ar_nocache", template, temperature, top_p)
+    np.testing.assert_array_equal(with_cache, without)
+    np.testing.assert_array_equal(with_cache[:, : len(prompt)], np.broadcast_to(prompt, (4, len(prompt))))
+    assert nfe_cache == nfe_plain == 16 - len(prompt)
+    if temperature > 0:
+        assert len({tuple(r) for r in with_cache}) > 1  # real sampling, rows differ
+
+
+def test_ar_refuses_infilling():
+    with pytest.raises(UserError, match="only continue a prompt"):
+        ar.check_prompt(np.array([1, -1, 2, -1]))
+
+
+# ---------------------------------------------------------------------------------------------- draws
+
+
+def _entropy_bits(p):
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum())
+
+
+def test_sample_entropy_matches_exact_sampling_on_a_toy_vocabulary():
+    """A long-tailed distribution (probabilities down to 1e-4): draws must reproduce its entropy and tail mass."""
+    probs = np.array([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.0199, 0.0001])
+    logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs, jnp.float32)), (400_000, len(probs)))
+    draws = np.asarray(sample_categorical(jax.random.PRNGKey(0), logits))
+    freq = np.bincount(draws, minlength=len(probs)) / draws.size
+    assert abs(_entropy_bits(freq) - _entropy_bits(probs)) < 0.005
+    np.testing.assert_allclose(freq, probs, atol=2.5e-3)
+    assert 10 <= (draws == 7).sum() <= 70  # the 1e-4 tail is sampled (expected 40)
+
+
+def test_temperature_and_nucleus():
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = jnp.log(jnp.asarray(probs, jnp.float32))
+    kept = np.isfinite(np.asarray(nucleus_logits(logits, 0.8)))
+    np.testing.assert_array_equal(kept, [True, True, False, False])  # 0.5 + 0.3 reaches 0.8
+    np.testing.assert_array_equal(np.isfinite(np.asarray(nucleus_logits(logits, 0.1))), [True, False, False, False])
+    draws = np.asarray(sample_categorical(jax.random.PRNGKey(1), jnp.broadcast_to(logits, (200_000, 4)), 1.0, 0.8))
+    np.testing.assert_allclose(np.bincount(draws, minlength=4) / draws.size, [0.625, 0.375, 0, 0], atol=4e-3)
+    hot = np.asarray(sample_categorical(jax.random.PRNGKey(2), jnp.broadcast_to(logits, (200_000, 4)), 2.0))
+    tempered = np.sqrt(probs) / np.sqrt(probs).sum()
+    np.testing.assert_allclose(np.bincount(hot, minlength=4) / hot.size, tempered, atol=4e-3)
+    assert np.all(np.asarray(sample_categorical(jax.random.PRNGKey(3), jnp.broadcast_to(logits, (8, 4)), 0.0)) == 0)
+
+
+# ---------------------------------------------------------------------------------------------- templates
+
+
+def test_prompt_and_infill_templates():
+    tok = ByteTokenizer()
+    np.testing.assert_array_equal(build_template(tok, 5, prompt="ab"), [97, 98, -1, -1, -1])
+    np.testing.assert_array_equal(build_template(tok, None, infill="a[MASK*2]b[MASK]"), [97, -1, -1, 98, -1])
+    np.testing.assert_array_equal(build_template(tok, 6, infill="a[MASK]"), [97, -1, -1, -1, -1, -1])
+    with pytest.raises(UserError, match="leaves nothing to generate"):
+        build_template(tok, 2, prompt="abc")
+    with pytest.raises(UserError, match="no \\[MASK\\]"):
+        build_template(tok, None, infill="abc")

@@ -7,7 +7,7 @@ E_t [ w(t) * sum_{masked l} -log p_theta(x^l | z_t) ] with w = -alpha'_t / (1 - 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

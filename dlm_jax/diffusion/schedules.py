@@ -40,6 +40,16 @@ class MaskSchedule:
             return -self.power * t ** (self.power - 1.0)
         raise ValueError(f"unknown mask schedule {self.kind!r}")
 
+    def time_at_mask_rate(self, mask_rate: Array) -> Array:
+        """The inverse of t -> 1 - alpha_t: the time at which a token is masked with prob `mask_rate` in [0, 1]."""
+        if self.kind == "linear":
+            return mask_rate
+        if self.kind == "cosine":  # 1 - alpha = cos(pi/2 (1 - t))
+            return 1.0 - jnp.arccos(jnp.clip(mask_rate, 0.0, 1.0)) / (0.5 * math.pi)
+        if self.kind == "poly":
+            return mask_rate ** (1.0 / self.power)
+        raise ValueError(f"unknown mask schedule {self.kind!r}")
+
     def continuous_weight(self, t: Array) -> Array:
         """NELBO weight -alpha'_t / (1 - alpha_t) of the masked-token cross-entropy (1/t for linear)."""
         return -self.alpha_derivative(t) / (1.0 - self.alpha(t))

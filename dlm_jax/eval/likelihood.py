@@ -15,7 +15,6 @@ import numpy as np
 from dlm_jax.data import pipeline
 from dlm_jax.errors import UserError
 from dlm_jax.train import sharding
-from dlm_jax.train.state import TrainState, eval_params
 
 if TYPE_CHECKING:
     from dlm_jax.train.loop import Experiment
@@ -54,9 +53,8 @@ class Evaluator:
             out_shardings=sharding.replicated(exp.mesh),
         )
 
-    def run(self, state: TrainState, step: int, num_batches: int) -> dict[str, Any]:
+    def run(self, params: Any, step: int, num_batches: int) -> dict[str, Any]:
         """NELBO over `num_batches` val batches (-1: the whole split once), same rng stream on every call."""
-        params = eval_params(state, self.exp.config.eval.use_ema)
         base_rng = jax.random.PRNGKey(self.exp.config.seed + 1)
         nll_sum, num_tokens = 0.0, 0.0
         for i, batch in enumerate(self.dataset):

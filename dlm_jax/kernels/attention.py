@@ -22,3 +22,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_mode: str = "full",
     """Multi-head attention. q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D]."""
     resolve_impl(impl)  # only xla exists so far
     return reference.attention(q, k, v, mask_mode)
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                     cache_len: jax.Array, block_mask_mode: str = "full", impl: str = "auto") -> jax.Array:
+    """A block of queries [B, Lb, H, D] against cache[:cache_len] ([B, Lmax, H, D]) plus the block itself."""
+    resolve_impl(impl)
+    return reference.cached_attention(q, k, v, k_cache, v_cache, cache_len, block_mask_mode)

@@ -27,3 +27,24 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_mode: str = "full")
         scores = jnp.where(mask[None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                     cache_len: jax.Array, block_mask_mode: str = "full") -> jax.Array:
+    """A block of queries against a KV cache of valid length `cache_len` plus the block itself.
+
+    q/k/v: [B, Lb, H, D] (the block); k_cache/v_cache: [B, Lmax, H, D], only [:cache_len] is read.
+    Inside the block the mask is `block_mask_mode` (full: bidirectional, block diffusion; causal: AR).
+    Fixed shapes, so it runs inside `lax.scan`. -> [B, Lb, H, D] in q's dtype.
+    """
+    scale = q.shape[-1] ** -0.5
+    neg = jnp.finfo(jnp.float32).min
+    s_cache = jnp.einsum("bqhd,bkhd->bhqk", q, k_cache, preferred_element_type=jnp.float32) * scale
+    s_cache = jnp.where((jnp.arange(k_cache.shape[1]) < cache_len)[None, None, None, :], s_cache, neg)
+    s_block = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    mask = attention_bias_mask(block_mask_mode, q.shape[1], k.shape[1])
+    if mask is not None:
+        s_block = jnp.where(mask[None, None], s_block, neg)
+    probs = jax.nn.softmax(jnp.concatenate([s_cache, s_block], axis=-1), axis=-1).astype(v.dtype)
+    p_cache, p_block = probs[..., : k_cache.shape[1]], probs[..., k_cache.shape[1] :]
+    return jnp.einsum("bhqk,bkhd->bqhd", p_cache, v_cache) + jnp.einsum("bhqk,bkhd->bqhd", p_block, v)

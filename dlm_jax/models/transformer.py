@@ -19,6 +19,7 @@ import ml_collections
 from dlm_jax.kernels import attention as attention_lib
 
 Array = jax.Array
+KVCache = dict[str, Array]  # {"key", "value"}: [num_layers, B, max_len, H, D] (one layer's slice inside a Block)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +57,8 @@ class TransformerConfig:
         return jnp.dtype(self.dtype)
 
 
-def _dense_init(axes: tuple[str, ...], init=nn.initializers.lecun_normal()):
-    return nn.with_logical_partitioning(init, axes)
+def _dense_init(axes: tuple[str, ...], init=None):
+    return nn.with_logical_partitioning(init or nn.initializers.lecun_normal(), axes)
 
 
 def _constrain(x: Array, axes: tuple[str, ...]) -> Array:
@@ -80,10 +81,10 @@ class Norm(nn.Module):
         return (x * scale).astype(dtype)
 
 
-def rotary_tables(length: int, head_dim: int, base: float) -> tuple[Array, Array]:
-    """cos/sin tables [L, head_dim/2] for rotary position embeddings (Su et al. 2021)."""
+def rotary_tables(positions: Array, head_dim: int, base: float) -> tuple[Array, Array]:
+    """cos/sin tables [L, head_dim/2] at integer `positions` [L] for rotary embeddings (Su et al. 2021)."""
     inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
     return jnp.cos(angles), jnp.sin(angles)
 
 
@@ -127,10 +128,14 @@ class Projection(nn.Module):
 
 
 class Attention(nn.Module):
+    """Self-attention; with a KV cache the block attends to cache[:cache_index] plus itself and returns the
+    cache with its own K/V written at [cache_index, cache_index + L) (the caller keeps it or not)."""
+
     cfg: TransformerConfig
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array) -> Array:
+    def __call__(self, x: Array, cos: Array, sin: Array, cache: KVCache | None = None,
+                 cache_index: Array | None = None) -> tuple[Array, KVCache | None]:
         cfg = self.cfg
         heads = (cfg.num_heads, cfg.head_dim)
         q, k, v = (
@@ -139,8 +144,17 @@ class Attention(nn.Module):
         )  # [B, L, H, D]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q = _constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
-        out = attention_lib.attention(q, k, v, mask_mode=cfg.mask_mode, impl=cfg.attention_impl)
-        return Projection(heads, (cfg.d_model,), ("heads", "kv", "embed"), cfg.compute_dtype, name="out")(out)
+        if cache is None:
+            out = attention_lib.attention(q, k, v, mask_mode=cfg.mask_mode, impl=cfg.attention_impl)
+        else:
+            k_cache, v_cache = cache["key"].astype(k.dtype), cache["value"].astype(v.dtype)
+            out = attention_lib.cached_attention(q, k, v, k_cache, v_cache, cache_index, block_mask_mode=cfg.mask_mode,
+                                                 impl=cfg.attention_impl)
+            at = (0, cache_index, 0, 0)
+            cache = {"key": jax.lax.dynamic_update_slice(cache["key"], k.astype(cache["key"].dtype), at),
+                     "value": jax.lax.dynamic_update_slice(cache["value"], v.astype(cache["value"].dtype), at)}
+        out = Projection(heads, (cfg.d_model,), ("heads", "kv", "embed"), cfg.compute_dtype, name="out")(out)
+        return out, cache
 
 
 class Mlp(nn.Module):
@@ -151,7 +165,8 @@ class Mlp(nn.Module):
         cfg = self.cfg
         dense = dict(dtype=cfg.compute_dtype, use_bias=False, kernel_init=_dense_init(("embed", "mlp")))
         if cfg.mlp_type == "swiglu":
-            h = nn.silu(nn.Dense(cfg.mlp_dim, name="wi_gate", **dense)(x)) * nn.Dense(cfg.mlp_dim, name="wi", **dense)(x)
+            gate = nn.Dense(cfg.mlp_dim, name="wi_gate", **dense)(x)
+            h = nn.silu(gate) * nn.Dense(cfg.mlp_dim, name="wi", **dense)(x)
         else:
             h = nn.gelu(nn.Dense(cfg.mlp_dim, name="wi", **dense)(x))
         h = _constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
@@ -187,25 +202,32 @@ class Block(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, cond: Array | None, cos: Array, sin: Array) -> tuple[Array, None]:
+    def __call__(self, x: Array, cond: Array | None, cos: Array, sin: Array, cache: KVCache | None = None,
+                 cache_index: Array | None = None) -> tuple[Array, KVCache | None]:
         cfg = self.cfg
         shift1, scale1, gate1, shift2, scale2, gate2 = _modulation(cond, 6, cfg.d_model, "adaln")
-        h = Attention(cfg, name="attention")(_modulate(Norm(cfg.norm, name="norm1")(x), shift1, scale1), cos, sin)
+        h, cache = Attention(cfg, name="attention")(
+            _modulate(Norm(cfg.norm, name="norm1")(x), shift1, scale1), cos, sin, cache, cache_index)
         h = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(h)
         x = x + (h if gate1 is None else gate1.astype(h.dtype) * h)
         h = Mlp(cfg, name="mlp")(_modulate(Norm(cfg.norm, name="norm2")(x), shift2, scale2))
         h = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(h)
         x = x + (h if gate2 is None else gate2.astype(h.dtype) * h)
-        return _constrain(x, ("activation_batch", "activation_length", "activation_embed")), None
+        return _constrain(x, ("activation_batch", "activation_length", "activation_embed")), cache
 
 
 class Transformer(nn.Module):
-    """tokens [B, L] (+ t [B] when time-conditioned) -> logits [B, L, vocab] in float32."""
+    """tokens [B, L] (+ t [B] when time-conditioned) -> logits [B, L, vocab] in float32.
+
+    With `cache` (from `init_cache`) the tokens are a block at positions [cache_index, cache_index + L) that
+    attends to the cached prefix and itself; the call then returns (logits, cache with the block's K/V written).
+    """
 
     cfg: TransformerConfig
 
     @nn.compact
-    def __call__(self, tokens: Array, t: Array | None = None, deterministic: bool = True) -> Array:
+    def __call__(self, tokens: Array, t: Array | None = None, deterministic: bool = True,
+                 cache: KVCache | None = None, cache_index: Array | int = 0) -> Array | tuple[Array, KVCache]:
         cfg = self.cfg
         embed = nn.Embed(
             cfg.vocab_size,
@@ -222,7 +244,9 @@ class Transformer(nn.Module):
             dense = dict(kernel_init=_dense_init((None, "cond")))
             cond = nn.Dense(cfg.cond_dim, name="time_in", **dense)(timestep_embedding(t, cfg.cond_dim))
             cond = nn.Dense(cfg.cond_dim, name="time_out", **dense)(nn.silu(cond))  # [B, cond_dim]
-        cos, sin = rotary_tables(tokens.shape[1], cfg.head_dim, cfg.rope_base)
+        cache_index = jnp.asarray(cache_index, jnp.int32)
+        positions = jnp.arange(tokens.shape[1]) + (cache_index if cache is not None else 0)
+        cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_base)
 
         block = Block
         if cfg.remat != "none":
@@ -233,14 +257,20 @@ class Transformer(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, deterministic, name="layers")
-            x, _ = stack(x, cond, cos, sin)
+            x, cache = stack(x, cond, cos, sin, cache, cache_index)
         else:
+            layer_caches = []
             for i in range(cfg.num_layers):
-                x, _ = block(cfg, deterministic, name=f"layer_{i}")(x, cond, cos, sin)
+                layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
+                x, layer_cache = block(cfg, deterministic, name=f"layer_{i}")(x, cond, cos, sin, layer_cache,
+                                                                              cache_index)
+                layer_caches.append(layer_cache)
+            if cache is not None:
+                cache = jax.tree.map(lambda *c: jnp.stack(c), *layer_caches)
 
         shift, scale = _modulation(cond, 2, cfg.d_model, "final_adaln")
         x = _modulate(Norm(cfg.norm, name="final_norm")(x), shift, scale)
@@ -251,7 +281,14 @@ class Transformer(nn.Module):
             kernel_init=_dense_init(("embed", "vocab"), nn.initializers.zeros),
             name="head",
         )(x)
-        return _constrain(logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab"))
+        logits = _constrain(logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab"))
+        return logits if cache is None else (logits, cache)
+
+
+def init_cache(cfg: TransformerConfig, batch: int, max_len: int) -> KVCache:
+    """An empty KV cache: key/value [num_layers, batch, max_len, heads, head_dim] in the compute dtype."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_heads, cfg.head_dim)
+    return {"key": jnp.zeros(shape, cfg.compute_dtype), "value": jnp.zeros(shape, cfg.compute_dtype)}
 
 
 def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:

@@ -1,53 +1,221 @@
-"""Masked-diffusion ancestral sampling (MDLM, Sahoo et al. 2024, sec. 3.3) on the grid t = 1 -> 0.
+"""Masked-diffusion samplers (MDLM / MD4 reverse processes), each one jitted `lax.scan` / `lax.while_loop`.
 
-Each step unmasks every still-masked token with prob (alpha_s - alpha_t) / (1 - alpha_t), drawing it
-from p_theta(x_0 | z_t); clean tokens are kept (SUBS carry-over). A final forward fills what is left
-with the argmax.
+Every sampler starts from a template: [MASK] where tokens are to be generated, known tokens (a prompt, infill
+context) elsewhere. Only [MASK] positions ever change (SUBS carry-over), so known tokens stay fixed.
+  ancestral       MDLM sec. 3.3: on the grid t: 1 -> eps, unmask each [MASK] with prob
+                  (alpha_s - alpha_t) / (1 - alpha_t), its token ~ p_theta(x_0 | z_t)
+  cached          the same draws, but when nothing changed since the last forward (and the model ignores t)
+                  the last prediction is reused: the forward is skipped with `lax.cond` (MDLM's caching)
+  first_hitting   Zheng et al. 2024: jump to the time the next token unmasks, unmask exactly one uniformly
+                  chosen [MASK] (a `while_loop`: NFE = number of masked tokens)
+  topk_confidence MaskGIT / LLaDA: commit the k most confident predictions per step, k from a linear or
+                  cosine schedule of how many tokens stay masked
+  semi_ar         blocks left to right; any of the above inside each block (Arriola et al. 2025 / LLaDA)
+With T steps the NFE budget is T: T - 1 reverse steps, then one argmax pass for what is still masked.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from dlm_jax.diffusion.masked import subs_logits
 from dlm_jax.diffusion.schedules import MaskSchedule
-from dlm_jax.sampling.loop import SamplerState, init_state, run_scan, sample_categorical
+from dlm_jax.errors import UserError
+from dlm_jax.sampling.loop import SamplerState, SampleSpec, init_state, run_scan, run_while, sample_categorical
 
 Array = jax.Array
+LogitsFn = Callable[[Array, Array], Array]  # (z [N, L], t [N]) -> logits [N, L, V+1]
+# A runner advances the state over the `active` positions [N, L] in `steps` steps.
+Runner = Callable[[LogitsFn, SamplerState, Array, int], SamplerState]
 
 
-def ancestral_step(
-    logits_fn: Callable[[Array, Array], Array], state: SamplerState, *, steps: int, mask_id: int,
-    schedule: MaskSchedule, temperature: float,
-) -> SamplerState:
-    """One reverse step t -> s = t - 1/steps."""
-    rng, rng_x0, rng_unmask = jax.random.split(state.rng, 3)
-    n = state.tokens.shape[0]
-    t = 1.0 - state.step.astype(jnp.float32) / steps
-    s = t - 1.0 / steps
-    logits = subs_logits(logits_fn(state.tokens, jnp.full((n,), t)), mask_id)
-    x0 = sample_categorical(rng_x0, logits, temperature)  # [N, L]
-    p_unmask = (schedule.alpha(s) - schedule.alpha(t)) / (1.0 - schedule.alpha(t))
-    is_masked = state.tokens == mask_id
-    unmask = is_masked & (jax.random.uniform(rng_unmask, state.tokens.shape) < p_unmask)
-    tokens = jnp.where(unmask, x0, state.tokens)
-    return SamplerState(tokens=tokens, rng=rng, step=state.step + 1, nfe=state.nfe + 1)
+class MaskedSampling:
+    """The settings every masked sampler shares: [MASK] id, schedule, t_eps, and the static `SampleSpec`."""
+
+    def __init__(self, spec: SampleSpec, mask_id: int, schedule: MaskSchedule, t_eps: float):
+        self.spec, self.mask_id, self.schedule, self.t_eps = spec, mask_id, schedule, t_eps
+
+    # -- shared pieces -------------------------------------------------------------------------
+    def predict(self, logits_fn: LogitsFn, tokens: Array, t: Array) -> Array:
+        """SUBS logits of x_0 given z_t; t is a scalar or per-sample [N]."""
+        return subs_logits(logits_fn(tokens, jnp.broadcast_to(t, (tokens.shape[0],))), self.mask_id)
+
+    def grid(self, i: Array, steps: int) -> tuple[Array, Array]:
+        """Times (t, s) of reverse step i of `steps` on the grid 1 -> eps."""
+        dt = (1.0 - self.t_eps) / steps
+        return 1.0 - i * dt, 1.0 - (i + 1) * dt
+
+    def ancestral_update(self, state: SamplerState, logits: Array, t: Array, s: Array, active: Array) -> SamplerState:
+        """Unmasks each active [MASK] with prob (alpha_s - alpha_t)/(1 - alpha_t), its token drawn from logits."""
+        rng, rng_x0, rng_unmask = jax.random.split(state.rng, 3)
+        x0 = sample_categorical(rng_x0, logits, self.spec.temperature, self.spec.top_p)
+        alpha_t, alpha_s = self.schedule.alpha(t), self.schedule.alpha(s)
+        p_unmask = (alpha_s - alpha_t) / (1.0 - alpha_t)
+        unmask = (state.tokens == self.mask_id) & active
+        unmask &= jax.random.uniform(rng_unmask, state.tokens.shape) < p_unmask
+        return state.replace(tokens=jnp.where(unmask, x0, state.tokens), rng=rng, step=state.step + 1)
+
+    # -- runners -------------------------------------------------------------------------------
+    def ancestral(self, logits_fn: LogitsFn, state: SamplerState, active: Array, steps: int) -> SamplerState:
+        def step(st: SamplerState, i: Array) -> SamplerState:
+            t, s = self.grid(i, steps)
+            st = self.ancestral_update(st, self.predict(logits_fn, st.tokens, t), t, s, active)
+            return st.replace(nfe=st.nfe + 1)
+
+        return run_scan(step, state, steps)
+
+    def cached(self, logits_fn: LogitsFn, state: SamplerState, active: Array, steps: int) -> SamplerState:
+        """Ancestral with the last prediction reused while the tokens are unchanged (needs a t-agnostic model).
+
+        state.cache = {"logits": [N, L, V], "stale": bool}: stale when the tokens changed since `logits`.
+        """
+
+        def step(st: SamplerState, i: Array) -> SamplerState:
+            t, s = self.grid(i, steps)
+            logits = jax.lax.cond(st.cache["stale"], lambda: self.predict(logits_fn, st.tokens, t),
+                                  lambda: st.cache["logits"])
+            new = self.ancestral_update(st, logits, t, s, active)
+            changed = jnp.any(new.tokens != st.tokens)
+            return new.replace(nfe=st.nfe + st.cache["stale"].astype(jnp.int32),
+                               cache={"logits": logits, "stale": changed})
+
+        return run_scan(step, state, steps)
+
+    def first_hitting(self, logits_fn: LogitsFn, state: SamplerState, active: Array, steps: int) -> SamplerState:
+        """One token per forward, at the first-hitting time of n masked tokens: 1 - alpha_s = (1 - alpha_t) u^(1/n).
+
+        `steps` is not used: the loop runs until no active [MASK] is left. state.cache = per-sample t [N].
+        """
+        del steps
+        n_samples, length = state.tokens.shape
+
+        def eligible(st: SamplerState) -> Array:
+            return (st.tokens == self.mask_id) & active
+
+        def step(st: SamplerState) -> SamplerState:
+            rng, rng_u, rng_pos, rng_x0 = jax.random.split(st.rng, 4)
+            todo = eligible(st)
+            n = todo.sum(-1)  # [N]
+            t = st.cache
+            u = jax.random.uniform(rng_u, (n_samples,), minval=1e-12)
+            mask_rate = (1.0 - self.schedule.alpha(t)) * u ** (1.0 / jnp.maximum(n, 1))
+            s = self.schedule.time_at_mask_rate(mask_rate)
+            x0 = sample_categorical(rng_x0, self.predict(logits_fn, st.tokens, s), self.spec.temperature,
+                                    self.spec.top_p)
+            noise = jnp.where(todo, jax.random.gumbel(rng_pos, (n_samples, length)), -jnp.inf)
+            chosen = jax.nn.one_hot(jnp.argmax(noise, axis=-1), length, dtype=bool) & todo
+            return st.replace(tokens=jnp.where(chosen, x0, st.tokens), rng=rng, step=st.step + 1, nfe=st.nfe + 1,
+                              cache=jnp.where(n > 0, s, t))
+
+        state = state.replace(cache=jnp.ones((n_samples,), jnp.float32))
+        return run_while(step, state, lambda st: jnp.any(eligible(st)))
+
+    def topk_confidence(self, logits_fn: LogitsFn, state: SamplerState, active: Array, steps: int) -> SamplerState:
+        """Per step, commit the k most confident predictions (prob of the drawn token); k keeps
+        floor(m0 * f(i+1)) tokens masked, f linear (1 - r) or cosine (cos(pi r / 2)), so all are done at the end."""
+        m0 = ((state.tokens == self.mask_id) & active).sum(-1)  # [N]
+
+        def step(st: SamplerState, i: Array) -> SamplerState:
+            rng, rng_x0 = jax.random.split(st.rng)
+            todo = (st.tokens == self.mask_id) & active
+            if self.spec.unmask_schedule == "cosine":
+                frac = jnp.cos(0.5 * math.pi * (i + 1.0) / steps)
+                keep_masked = jnp.floor(m0 * frac + 1e-4).astype(jnp.int32)
+            else:  # exact integer floor(m0 (1 - (i + 1) / T))
+                keep_masked = (m0 * (steps - 1 - i)) // steps
+            keep_masked = jnp.where(i == steps - 1, 0, keep_masked)
+            k = todo.sum(-1) - keep_masked  # [N]
+            logits = self.predict(logits_fn, st.tokens, 1.0 - i / steps)
+            x0 = sample_categorical(rng_x0, logits, self.spec.temperature, self.spec.top_p)
+            confidence = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), x0[..., None], axis=-1)[..., 0]
+            confidence = jnp.where(todo, confidence, -jnp.inf)
+            rank = jnp.argsort(jnp.argsort(-confidence, axis=-1), axis=-1)
+            commit = todo & (rank < k[:, None])
+            return st.replace(tokens=jnp.where(commit, x0, st.tokens), rng=rng, step=st.step + 1, nfe=st.nfe + 1)
+
+        return run_scan(step, state, steps)
+
+    def final_argmax(self, logits_fn: LogitsFn, state: SamplerState) -> SamplerState:
+        """Noise removal: [MASK]s left after the reverse steps take the argmax of one more forward (skipped with
+        `lax.cond` when none is left; the cached sampler reuses its prediction when it is still fresh)."""
+        remaining = state.tokens == self.mask_id
+        any_left = jnp.any(remaining)
+        cached = isinstance(state.cache, dict) and "stale" in state.cache
+        need_forward = any_left & state.cache["stale"] if cached else any_left
+
+        def forward() -> Array:
+            return self.predict(logits_fn, state.tokens, jnp.zeros(()))
+
+        def fill() -> Array:
+            logits = jax.lax.cond(state.cache["stale"], forward, lambda: state.cache["logits"]) if cached else forward()
+            return jnp.where(remaining, jnp.argmax(logits, axis=-1).astype(jnp.int32), state.tokens)
+
+        tokens = jax.lax.cond(any_left, fill, lambda: state.tokens)
+        return state.replace(tokens=tokens, nfe=state.nfe + need_forward.astype(jnp.int32))
 
 
-def ancestral_sample(
-    logits_fn: Callable[[Array, Array], Array], rng: Array, *, num_samples: int, length: int, steps: int,
-    mask_id: int, schedule: MaskSchedule, temperature: float = 1.0,
-) -> tuple[Array, dict[str, Array]]:
-    """Draws [num_samples, length] tokens with `steps` ancestral steps plus one final argmax pass."""
-    state = init_state(jnp.full((num_samples, length), mask_id, jnp.int32), rng)
+RUNNERS = ("ancestral", "cached", "first_hitting", "topk_confidence")
+SAMPLERS = (*RUNNERS, "semi_ar")
 
-    def step_fn(s: SamplerState) -> SamplerState:
-        return ancestral_step(logits_fn, s, steps=steps, mask_id=mask_id, schedule=schedule, temperature=temperature)
 
-    state = run_scan(step_fn, state, steps)
-    final = jnp.argmax(subs_logits(logits_fn(state.tokens, jnp.zeros((num_samples,))), mask_id), axis=-1)
-    tokens = jnp.where(state.tokens == mask_id, final, state.tokens)
-    return tokens, {"nfe": state.nfe + 1}
+def check_spec(spec: SampleSpec, time_conditioned: bool) -> None:
+    """One-line errors for settings a masked sampler cannot run with."""
+    inner = spec.inner if spec.sampler == "semi_ar" else spec.sampler
+    if spec.sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {spec.sampler!r} for a masked diffusion model; choose one of "
+                        f"{', '.join(SAMPLERS)}")
+    if inner not in RUNNERS:
+        raise UserError(f"semi_ar runs one of {', '.join(RUNNERS)} inside each block, not {inner!r}")
+    if inner == "cached" and time_conditioned:
+        raise UserError("the cached sampler reuses predictions across t: it needs a model trained with "
+                        "model.time_conditioning=False; use --sampler=ancestral")
+    if spec.unmask_schedule not in ("linear", "cosine"):
+        raise UserError(f"unmask schedule {spec.unmask_schedule!r}: choose linear or cosine")
+    if spec.sampler == "semi_ar":
+        block = semi_ar_block_length(spec)
+        if spec.length % block:
+            raise UserError(f"semi_ar: length {spec.length} is not divisible by the block length {block}")
+        if spec.steps < spec.length // block:
+            raise UserError(f"semi_ar: steps={spec.steps} is fewer than the {spec.length // block} blocks")
+
+
+def semi_ar_block_length(spec: SampleSpec) -> int:
+    return spec.block_length or min(16, spec.length)
+
+
+def sample(logits_fn: LogitsFn, rng: Array, template: Array, spec: SampleSpec, *, mask_id: int,
+           schedule: MaskSchedule, t_eps: float = 1e-3) -> tuple[Array, dict[str, Array]]:
+    """Draws `spec.num_samples` sequences from the template [L] ([MASK] = to generate; others kept).
+
+    Returns (tokens [N, L] int32, {"nfe": scalar}).
+    """
+    ms = MaskedSampling(spec, mask_id, schedule, t_eps)
+    tokens = jnp.broadcast_to(template.astype(jnp.int32), (spec.num_samples, template.shape[0]))
+    n, length = tokens.shape
+    inner = spec.inner if spec.sampler == "semi_ar" else spec.sampler
+    runner: Runner = getattr(ms, inner)
+    cache = None
+    if inner == "cached":
+        cache = {"logits": jnp.zeros((n, length, mask_id + 1), jnp.float32), "stale": jnp.array(True)}
+    elif inner == "first_hitting":
+        cache = jnp.ones((n,), jnp.float32)  # per-sample time, reset to 1 by every first_hitting run
+    state = init_state(tokens, rng, cache)
+    if spec.sampler == "semi_ar":
+        block = semi_ar_block_length(spec)
+        num_blocks = length // block
+        positions = jnp.arange(length)
+
+        def block_body(st: SamplerState, b: Array) -> tuple[SamplerState, None]:
+            active = jnp.broadcast_to((positions >= b * block) & (positions < (b + 1) * block), (n, length))
+            return runner(logits_fn, st, active, spec.steps // num_blocks), None
+
+        state = jax.lax.scan(block_body, state, jnp.arange(num_blocks))[0]
+    else:
+        steps = spec.steps if inner in ("topk_confidence", "first_hitting") else spec.steps - 1
+        state = runner(logits_fn, state, jnp.ones((n, length), bool), steps)
+    state = ms.final_argmax(logits_fn, state)
+    return state.tokens, {"nfe": state.nfe}

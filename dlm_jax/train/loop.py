@@ -23,7 +23,7 @@ from dlm_jax.errors import UserError
 from dlm_jax.eval import likelihood
 from dlm_jax.train import checkpoint, optim, sharding
 from dlm_jax.train.metrics import MetricsWriter
-from dlm_jax.train.state import TrainState, abstract_state_and_shardings, create_train_state
+from dlm_jax.train.state import TrainState, abstract_state_and_shardings, create_train_state, eval_params
 
 # Keys that fix the shapes of the params: a workdir's checkpoint only fits a config that agrees on them.
 SHAPE_KEYS = ("model.family", "model.num_layers", "model.d_model", "model.num_heads", "model.mlp_dim",
@@ -68,6 +68,19 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
         raise UserError(f"{workdir!r} has no config.json: is it a dlm-jax workdir? train one with `dlm-jax train`")
     with open(path) as f:
         return config_lib.from_json(f.read(), where=path)
+
+
+def restore_for_inference(workdir: str, config: ml_collections.ConfigDict) -> tuple[Experiment, Any, int]:
+    """(experiment, eval params (EMA when kept), step) of the latest checkpoint in workdir; no optimizer work."""
+    exp = build_experiment(config)
+    checkpointer = checkpoint.Checkpointer(workdir, config.train.max_checkpoints)
+    with sharding.mesh_context(exp.mesh):
+        restored = checkpointer.restore_latest(exp.abstract_state)
+    checkpointer.close()
+    if restored is None:
+        raise UserError(f"no checkpoint in {workdir!r}; train first: dlm-jax train --config=... --workdir={workdir}")
+    state, _, step = restored
+    return exp, eval_params(state, config.eval.use_ema), step
 
 
 def check_workdir_matches(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -179,6 +192,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             state, metrics = train_step(state, sharding.global_batch(next(train_iter), batch_sharding))
             history.append((step, metrics))
             window_steps += 1
+            if len(history) > 2:  # at most 2 steps in flight: the bar shows finished steps, no per-step host sync
+                history[-3][1]["loss"].block_until_ready()
             bar.update(1)
             final = step == config.train.num_steps
             if step % config.train.log_every == 0 or final:
@@ -191,7 +206,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_second']:.0f}")
                 history, window_start, window_steps = [], time.perf_counter(), 0
             if evaluator is not None and (step % config.train.eval_every == 0 or final):
-                results = evaluator.run(state, step, config.eval.num_batches)
+                results = evaluator.run(eval_params(state, config.eval.use_ema), step, config.eval.num_batches)
                 val = {f"val_{k}": v for k, v in results.items() if k not in ("step", "metric")}
                 writer.write(step, val)
                 last.update(val)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -39,7 +40,7 @@ LOGICAL_AXIS_RULES = (
 def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
     """Mesh sizes for ('data', 'fsdp', 'tensor'); one -1 is filled with the devices left over."""
     sizes = [mesh_config[a] for a in MESH_AXES]
-    desc = ", ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
+    desc = ", ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes, strict=True))
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise UserError(f"mesh sizes ({desc}) must be positive with at most one -1 (auto-fill)")
     known = math.prod(s for s in sizes if s != -1)

@@ -1,0 +1,38 @@
+"""Timed sampling: compile once (outside the clock), then draw every batch and time it (DESIGN.md section 9)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from dlm_jax.sampling.loop import SampleSpec
+from dlm_jax.train import sharding
+
+
+def timed_sample(exp: Any, params: Any, spec: SampleSpec, template: np.ndarray, seed: int,
+                 batch_size: int) -> tuple[np.ndarray, dict[str, float]]:
+    """`spec.num_samples` samples in batches of `batch_size` (batch b uses fold_in(PRNGKey(seed), b)).
+
+    Returns (tokens [N, L], {"nfe": mean NFE per batch, "seconds": sampling wall time, compile excluded}).
+    """
+    batch = min(batch_size, spec.num_samples)
+    batch_spec = dataclasses.replace(spec, num_samples=batch)
+    exp.family.check_sample(exp.model, exp.config, batch_spec, template)
+    num_batches = -(-spec.num_samples // batch)
+    base = jax.random.PRNGKey(seed)
+    with sharding.mesh_context(exp.mesh):
+        sample = jax.jit(lambda p, rng: exp.family.sample(exp.model, p, rng, exp.config, batch_spec, template))
+        compiled = sample.lower(params, base).compile()
+        outputs, nfes, seconds = [], [], 0.0
+        for b in range(num_batches):
+            rng = jax.random.fold_in(base, b)
+            start = time.perf_counter()
+            tokens, stats = jax.block_until_ready(compiled(params, rng))
+            seconds += time.perf_counter() - start
+            outputs.append(np.asarray(jax.device_get(tokens)))
+            nfes.append(int(stats["nfe"]))
+    return np.concatenate(outputs)[: spec.num_samples], {"nfe": float(np.mean(nfes)), "seconds": seconds}
