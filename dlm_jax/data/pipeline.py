@@ -12,6 +12,7 @@ The iterator state (grain's `get_state()`) is saved with every checkpoint for ex
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 import sys
@@ -234,7 +235,11 @@ class _StreamingIterator(grain.DatasetIterator):
                 return
 
     def __next__(self) -> Batch:
-        global_rows = [next(self._rows) for _ in range(self._b * self._n)]  # StopIteration ends the epoch
+        global_rows = list(itertools.islice(self._rows, self._b * self._n))
+        if not global_rows:
+            raise StopIteration  # eval: the split is done
+        empty = {k: np.zeros_like(v) for k, v in global_rows[0].items()}
+        global_rows += [empty] * (self._b * self._n - len(global_rows))  # eval: fill the last batch, loss_mask 0
         mine = global_rows[self._p * self._b : (self._p + 1) * self._b]
         self._consumed += 1
         return {k: np.stack([r[k] for r in mine]) for k in ("tokens", "loss_mask")}

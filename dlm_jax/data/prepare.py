@@ -31,6 +31,8 @@ def prepare(data: ml_collections.ConfigDict, output_dir: str, num_shards: int = 
     output_dir = os.path.expanduser(output_dir)
     if os.path.exists(os.path.join(output_dir, pipeline.META_FILE)):
         raise UserError(f"{output_dir!r} already holds a prepared dataset; remove it or pick another --output_dir")
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        raise UserError(f"--output_dir={output_dir!r} is not empty; give a new or empty directory")
     tokenizer = tokenizers.get_tokenizer(data)
     staging = output_dir.rstrip("/") + ".incomplete"
     shutil.rmtree(staging, ignore_errors=True)
@@ -45,7 +47,7 @@ def prepare(data: ml_collections.ConfigDict, output_dir: str, num_shards: int = 
         packed = pipeline.pack(pipeline.tokenize(docs, tokenizer, desc=f"preparing {split}"), data.seq_len,
                                data.packing, tokenizer.eos_id, tokenizer.pad_id)
         for block_tokens, block_mask in packed:
-            for row_tokens, row_mask in zip(block_tokens, block_mask):
+            for row_tokens, row_mask in zip(block_tokens, block_mask, strict=True):
                 writers[rows % num_shards].write(pipeline.row_to_record(row_tokens, row_mask))
                 rows += 1
             tokens += int(block_mask.sum())

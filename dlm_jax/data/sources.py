@@ -17,6 +17,7 @@ import glob
 import hashlib
 import math
 import os
+import re
 import sysconfig
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -105,7 +106,8 @@ class _TextSlice:
 
 def text_files(data: ml_collections.ConfigDict, split: str) -> Documents:
     """Files matching the glob `data.path`; each file is a document (each line with `data.document_per_line`)."""
-    paths = sorted(p for p in glob.glob(os.path.expanduser(data.path), recursive=True) if os.path.isfile(p))
+    pattern = os.path.expanduser(data.path)
+    paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     if not paths:
         raise UserError(f"data.path={data.path!r} matches no files; give a text file or a glob like 'dir/*.txt'")
     if all(os.path.getsize(p) == 0 for p in paths):
@@ -113,7 +115,8 @@ def text_files(data: ml_collections.ConfigDict, split: str) -> Documents:
     if len(paths) == 1:
         texts = [_TextSlice(paths[0], split, data.val_fraction).read()]
     else:
-        texts = [_read_text(p) for p in _split_by_hash(paths, split, data)]
+        root = os.path.dirname(re.split(r"[*?[]", pattern, maxsplit=1)[0])  # hash paths below the glob's directory
+        texts = [_read_text(p) for p in _split_by_hash(paths, split, data, root)]
     if data.document_per_line:
         texts = [line for text in texts for line in text.splitlines() if line.strip()]
         if data.max_documents > 0:
@@ -146,7 +149,8 @@ def _open_error(what: str, e: Exception) -> UserError:
     return UserError(f"cannot open {what}: {type(e).__name__}: {first}")
 
 
-def _pick_split(splits: dict, split: str, data: ml_collections.ConfigDict, where: str) -> Documents | StreamingDocuments:
+def _pick_split(splits: dict, split: str, data: ml_collections.ConfigDict,
+                where: str) -> Documents | StreamingDocuments:
     """The `split` of a dataset given as {split name: rows}. Without a val split of its own (openwebtext) the
     val documents are carved from the tail of the train split, and train keeps the rest."""
     if data.train_split not in splits:
@@ -154,11 +158,11 @@ def _pick_split(splits: dict, split: str, data: ml_collections.ConfigDict, where
     carve = data.val_split not in splits or data.val_split == data.train_split
     dataset = splits[data.train_split if carve or split == "train" else data.val_split]
     to_text = _decode(data.text_key)
-    if not hasattr(dataset, "__len__"):  # HF streaming
-        return _streaming(dataset, split, carve, data, to_text)
-    columns = getattr(dataset, "column_names", None)
+    columns = getattr(dataset, "column_names", None)  # None: tfds, or a stream of unknown features
     if columns is not None and data.text_key not in columns:
         raise UserError(f"{where} has no column {data.text_key!r} (has {columns}); set data.text_key")
+    if not hasattr(dataset, "__len__"):  # HF streaming
+        return _streaming(dataset, split, carve, data, to_text)
     rows = _carve(len(dataset), split, data) if carve else _limit(len(dataset), data)
     return Documents(dataset, rows, to_text)
 

@@ -165,7 +165,8 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         base = self._sp.get_piece_size()
-        return self._sp.decode([i for i in np.asarray(ids).tolist() if i < base and i not in (self.eos_id, self.pad_id)])
+        ids = [i for i in np.asarray(ids).tolist() if i < base and i not in (self.eos_id, self.pad_id)]
+        return self._sp.decode(ids)
 
 
 def get_tokenizer(data: ml_collections.ConfigDict) -> Tokenizer:
