@@ -12,6 +12,7 @@ def get_config():
     c.model.num_layers = 4
     c.model.d_model = 128
     c.model.num_heads = 4
+    c.model.scan_layers = False  # unrolled layers are ~15% faster on CPU (benchmarks/train_throughput.py)
     c.model.mlp_dim = 512
     c.data.source = "python_stdlib"
     c.data.tokenizer = "byte"

@@ -13,6 +13,7 @@ def get_config():
     c.model.num_layers = 4
     c.model.d_model = 192
     c.model.num_heads = 6
+    c.model.scan_layers = False  # unrolled layers are ~15% faster on CPU (benchmarks/train_throughput.py)
     c.model.mlp_dim = 768
     c.data.source = "text_files"
     c.data.path = ""  # required: --config.data.path=path/to/tinyshakespeare.txt

@@ -16,7 +16,7 @@ import ml_collections
 
 from dlm_jax.errors import UserError
 
-FAMILIES = ("mdlm", "ar")
+FAMILIES = ("mdlm", "block", "ar")
 TOKENIZERS = ("byte", "char", "hf", "sentencepiece")
 SOURCES = ("python_stdlib", "text_files", "tfds", "hf", "array_record")
 
@@ -27,7 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.model = ml_collections.ConfigDict()
-    c.model.family = "mdlm"  # mdlm | ar
+    c.model.family = "mdlm"  # mdlm | block | ar
     c.model.num_layers = 4
     c.model.d_model = 256
     c.model.num_heads = 4
@@ -48,6 +48,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.t_eps = 1e-3
     c.model.antithetic = True
     c.model.num_timesteps = 0  # 0: continuous-time NELBO; T > 0: discrete-time T-step NELBO
+    # block diffusion (BD3-LM)
+    c.model.block_size = 4  # L': tokens per block (1: AR, data.seq_len: MDLM)
+    c.model.clip_beta = 0.45  # training mask rates ~ U[beta, omega] (clipped schedule); eval uses U[t_eps, 1]
+    c.model.clip_omega = 0.95
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "python_stdlib"  # python_stdlib | text_files | tfds | hf | array_record
@@ -220,7 +224,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice("model.norm", m.norm, ("rmsnorm", "layernorm"))
     _choice("model.remat", m.remat, ("none", "full", "dots"))
     _choice("model.dtype", m.dtype, ("float32", "bfloat16"))
-    _choice("model.attention_impl", m.attention_impl, ("auto", "xla"))
+    _choice("model.attention_impl", m.attention_impl, ("auto", "xla", "pallas", "pallas_interpret"))
     _choice("model.schedule", m.schedule, ("linear", "cosine", "poly"))
     _choice("data.source", d.source, SOURCES)
     _choice("data.tokenizer", d.tokenizer, TOKENIZERS)
@@ -239,6 +243,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if not 0.0 < m.t_eps < 1.0:
         raise UserError(f"model.t_eps must be in (0, 1), got {m.t_eps}")
+    if m.family == "block":
+        if m.block_size < 1 or d.seq_len % m.block_size:
+            raise UserError(f"data.seq_len={d.seq_len} is not divisible by model.block_size={m.block_size}")
+        if m.time_conditioning:
+            raise UserError("block diffusion gives every block its own t: set model.time_conditioning=False")
+        if not 0.0 < m.clip_beta < m.clip_omega <= 1.0:
+            raise UserError(f"need 0 < model.clip_beta < model.clip_omega <= 1, got {m.clip_beta}, {m.clip_omega}")
+        if d.packing == "pad":
+            raise UserError("block diffusion trains on packed rows: set data.packing=wrap")
     if m.num_timesteps < 0:
         raise UserError(f"model.num_timesteps must be >= 0 (0 = continuous time), got {m.num_timesteps}")
     if d.source in ("text_files", "array_record") and not d.path:

@@ -1,9 +1,10 @@
-"""The `dlm-jax` command line: train, eval, sample, prepare.
+"""The `dlm-jax` command line: train, eval, sample, prepare, compile.
 
   dlm-jax train   --config=configs/quickstart.py --workdir=DIR [--config.key=value ...]
   dlm-jax eval    --workdir=DIR [--config.key=value ...]
   dlm-jax sample  --workdir=DIR [--num_samples=N] [--steps=T] [--length=L] [--seed=S] [--config.key=value ...]
   dlm-jax prepare --config=configs/x.py --output_dir=DIR [--config.key=value ...]
+  dlm-jax compile --config=configs/x.py --mesh=data=2,fsdp=4 [--config.key=value ...]
 
 Bad input (config, data, workdir) ends with one `error: ...` line on stderr and exit code 2.
 """
@@ -28,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (or resume) a model in --workdir")
     p.add_argument("--config", required=True, help="python config file with get_config()")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard events")
+    _add_distributed_args(p)
     p = sub.add_parser("eval", help="NELBO / NLL, ppl and bits on the val split, or --gen: a sampler sweep")
     p.add_argument("--workdir", required=True)
     p.add_argument("--gen", action="store_true", help="sweep samplers x steps: Gen PPL, entropy, NFE, wall time")
@@ -35,17 +37,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps_list", default="16,64,256", help="--gen: comma-separated step counts")
     p.add_argument("--output_dir", default=None, help="--gen: where gen_sweep.{json,csv,png} go (default: WORKDIR)")
     _add_sampling_args(p)
+    _add_distributed_args(p)
     p = sub.add_parser("sample", help="draw samples from the latest checkpoint (last line: JSON)")
     p.add_argument("--workdir", required=True)
     p.add_argument("--sampler", default=None, help="sampler name (default: the family's first)")
     p.add_argument("--steps", type=int, default=None, help="diffusion steps T (ignored by AR)")
     p.add_argument("--output", default=None, help="JSONL file of the samples (default: WORKDIR/samples/...)")
     _add_sampling_args(p)
+    p = sub.add_parser("compile", help="lower + compile the train step for a mesh on fake CPU devices; memory")
+    p.add_argument("--config", required=True)
+    p.add_argument("--mesh", required=True, help="mesh sizes, e.g. data=2,fsdp=4 (tensor defaults to 1)")
     p = sub.add_parser("prepare", help="tokenize + pack a corpus into array_record shards")
     p.add_argument("--config", required=True)
     p.add_argument("--output_dir", required=True)
     p.add_argument("--num_shards", type=int, default=4)
     return parser
+
+
+def _add_distributed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator_address", default=None, help="multi-process: HOST:PORT of process 0")
+    p.add_argument("--num_processes", type=int, default=None)
+    p.add_argument("--process_id", type=int, default=None)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -133,7 +145,8 @@ def cmd_eval(args, config) -> None:
 
     exp, params, step = restore_for_inference(args.workdir, config)
     with sharding.mesh_context(exp.mesh):
-        results = Evaluator(exp, sharding.batch_sharding(exp.mesh)).run(params, step, config.eval.num_batches)
+        evaluator = Evaluator(exp, sharding.batch_sharding(exp.mesh))
+        results = evaluator.run(params, step, config.eval.num_batches, extras=True)
     print(json.dumps(results))
 
 
@@ -168,22 +181,91 @@ def cmd_sample(args, config) -> None:
     print(json.dumps({**row, "family": exp.family.name, "checkpoint_step": step, "output": output}))
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """'data=2,fsdp=4' -> {'data': 2, 'fsdp': 4, 'tensor': 1}."""
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:
+            raise UserError(f"--mesh={text!r}: use positive sizes like data=2,fsdp=4,tensor=1")
+        sizes[name.strip()] = int(value)
+    return sizes
+
+
+def cmd_compile(args, config) -> None:
+    """Ahead-of-time check that the train step of `config` lowers and compiles for the mesh, with the memory
+    estimate per device; runs on fake CPU devices so sharding mistakes show before a pod is rented."""
+    import math
+
+    import jax
+
+    from dlm_jax.train import sharding
+    from dlm_jax.train.loop import build_experiment, make_train_step
+
+    sizes = parse_mesh(args.mesh)
+    if jax.device_count() != math.prod(sizes.values()):
+        raise UserError(f"--mesh={args.mesh} needs {math.prod(sizes.values())} devices, this process has "
+                        f"{jax.device_count()}; run `dlm-jax compile` as its own process")
+    config = config_lib.apply_overrides(config, [f"--config.mesh.{k}={v}" for k, v in sizes.items()])
+    exp = build_experiment(config)
+    batch_sharding = sharding.batch_sharding(exp.mesh)
+    shape = (config.train.batch_size, config.data.seq_len)
+    batch = {"tokens": jax.ShapeDtypeStruct(shape, jax.numpy.int32, sharding=batch_sharding),
+             "loss_mask": jax.ShapeDtypeStruct(shape, jax.numpy.float32, sharding=batch_sharding)}
+    with sharding.mesh_context(exp.mesh):
+        compiled = make_train_step(exp, batch_sharding).lower(exp.abstract_state, batch).compile()
+    memory = compiled.memory_analysis()
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+              "generated_code_size_in_bytes")
+    mib = {f.replace("_size_in_bytes", "_mib"): getattr(memory, f, 0) / 2**20 for f in fields} if memory else {}
+    total = mib.get("argument_mib", 0) + mib.get("output_mib", 0) - mib.get("alias_mib", 0) + mib.get("temp_mib", 0)
+    params = sum(math.prod(x.shape) for x in jax.tree.leaves(exp.abstract_state.params))
+    print(f"compiled the {config.model.family} train step ({params / 1e6:.1f}M params, batch {shape}) for mesh "
+          f"{dict(exp.mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices")
+    for key, value in mib.items():
+        print(f"  {key:>16s}: {value:10.1f} MiB per device")
+    print(f"  {'estimate':>16s}: {total:10.1f} MiB per device (arguments + outputs - aliased + temporaries)")
+    print(json.dumps({"mesh": dict(exp.mesh.shape), "devices": jax.device_count(), "params": params,
+                      "per_device_mib": total, **mib}))
+
+
 def cmd_prepare(args, config) -> None:
     from dlm_jax.data.prepare import prepare
 
     print(json.dumps(prepare(config.data, args.output_dir, num_shards=args.num_shards)))
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "prepare": cmd_prepare}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "prepare": cmd_prepare,
+            "compile": cmd_compile}
+
+
+def _fake_devices_for_compile(argv: list[str]) -> None:
+    """`dlm-jax compile` runs on as many fake CPU devices as its mesh has (set before jax is imported)."""
+    mesh = next((a.split("=", 1)[1] for a in argv if a.startswith("--mesh=")), None)
+    if not argv or argv[0] != "compile" or mesh is None or "jax" in sys.modules:
+        return
+    try:
+        count = 1
+        for size in parse_mesh(mesh).values():
+            count *= size
+    except UserError:
+        return  # reported by the command itself
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    _fake_devices_for_compile(argv)
     known, overrides = _split_overrides(argv)
     args, unknown = _parser().parse_known_args(known)
     try:
         if unknown:
             raise UserError(f"unknown argument(s) {' '.join(unknown)}; see dlm-jax {args.command} --help")
+        if hasattr(args, "coordinator_address"):
+            from dlm_jax.train.distributed import initialize
+
+            initialize(args.coordinator_address, args.num_processes, args.process_id)
         COMMANDS[args.command](args, _load(args, overrides))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from tests.helpers import ROOT, small_corpus
+
 TINY = ["--config.model.num_layers=2", "--config.model.d_model=32", "--config.model.num_heads=2",
         "--config.model.mlp_dim=64", "--config.data.seq_len=32", "--config.train.batch_size=8",
         "--config.eval.batch_size=8", "--config.train.log_every=2", "--config.train.checkpoint_every=4",

@@ -29,8 +29,11 @@ def subs_logits(logits: Array, mask_id: int) -> Array:
 
 
 def forward_mask(rng: Array, x0: Array, alpha_t: Array, mask_id: int) -> tuple[Array, Array]:
-    """z_t: each token of x0 [B, L] becomes mask_id with prob 1 - alpha_t [B]. Returns (z_t, is_masked)."""
-    is_masked = jax.random.uniform(rng, x0.shape) < (1.0 - alpha_t)[:, None]
+    """z_t: each token of x0 [B, L] becomes mask_id with prob 1 - alpha_t ([B], or [B, L] per token).
+
+    Returns (z_t, is_masked)."""
+    keep = alpha_t[:, None] if alpha_t.ndim == 1 else alpha_t
+    is_masked = jax.random.uniform(rng, x0.shape) < (1.0 - keep)
     return jnp.where(is_masked, mask_id, x0), is_masked
 
 

@@ -47,24 +47,39 @@ class Evaluator:
             terms = exp.family.loss_terms(exp.model, params, batch, rng, config, train=False)
             return {"nll_sum": terms["nll_sum"], "num_tokens": terms["num_tokens"]}
 
-        self._step = jax.jit(
-            eval_step,
-            in_shardings=(exp.state_shardings.params, batch_sharding, sharding.replicated(exp.mesh)),
-            out_shardings=sharding.replicated(exp.mesh),
-        )
+        def extras_step(params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> dict[str, jax.Array]:
+            return {**exp.family.eval_terms(exp.model, params, batch, rng, config),
+                    "row_tokens": batch["loss_mask"].sum(axis=1)}
 
-    def run(self, params: Any, step: int, num_batches: int) -> dict[str, Any]:
-        """NELBO over `num_batches` val batches (-1: the whole split once), same rng stream on every call."""
+        shardings = dict(in_shardings=(exp.state_shardings.params, batch_sharding, sharding.replicated(exp.mesh)),
+                         out_shardings=sharding.replicated(exp.mesh))
+        self._step = jax.jit(eval_step, **shardings)
+        self._extras = jax.jit(extras_step, **shardings) if exp.family.eval_terms is not None else None
+
+    def run(self, params: Any, step: int, num_batches: int, extras: bool = False) -> dict[str, Any]:
+        """NELBO over `num_batches` val batches (-1: the whole split once), same rng stream on every call.
+
+        extras: also the family's extra eval (block diffusion: the variance search over clipped schedules).
+        """
         base_rng = jax.random.PRNGKey(self.exp.config.seed + 1)
         nll_sum, num_tokens = 0.0, 0.0
+        per_sequence: dict[str, list[np.ndarray]] = {}
         for i, batch in enumerate(self.dataset):
             if 0 <= num_batches <= i:
                 break
-            terms = jax.device_get(self._step(params, sharding.global_batch(batch, self.batch_sharding),
-                                              jax.random.fold_in(base_rng, i)))
+            batch = sharding.global_batch(batch, self.batch_sharding)
+            rng = jax.random.fold_in(base_rng, i)
+            terms = jax.device_get(self._step(params, batch, rng))
             nll_sum += float(np.float64(terms["nll_sum"]))
             num_tokens += float(terms["num_tokens"])
+            if extras and self._extras is not None:
+                more = jax.device_get(self._extras(params, batch, rng))
+                real = more.pop("row_tokens") > 0  # rows that pad the last batch do not count
+                for key, values in more.items():
+                    per_sequence.setdefault(key, []).append(np.asarray(values)[real])
         if num_tokens == 0:
             raise UserError("the val split gave no tokens; check data.val_split / data.val_fraction")
         results = summarize(nll_sum, num_tokens, self.exp.tokenizer.is_character_level)
+        if per_sequence:
+            results.update(self.exp.family.eval_summary({k: np.concatenate(v) for k, v in per_sequence.items()}))
         return {"step": int(step), "metric": self.exp.family.metric_name, **results}

@@ -18,10 +18,11 @@ def resolve_impl(impl: str) -> str:
     return "xla" if impl == "auto" else impl
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_mode: str = "full", impl: str = "auto") -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_mode: str = "full", impl: str = "auto",
+              block_size: int = 1) -> jax.Array:
     """Multi-head attention. q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D]."""
     resolve_impl(impl)  # only xla exists so far
-    return reference.attention(q, k, v, mask_mode)
+    return reference.attention(q, k, v, mask_mode, block_size)
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cache: jax.Array,

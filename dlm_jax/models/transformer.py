@@ -31,7 +31,8 @@ class TransformerConfig:
     d_model: int
     num_heads: int
     mlp_dim: int
-    mask_mode: str = "full"  # full | causal
+    mask_mode: str = "full"  # full | causal | block_causal | bd3_train (kernels/reference.py)
+    block_size: int = 1  # L' of the block masks
     mlp_type: str = "swiglu"
     norm: str = "rmsnorm"
     time_conditioning: bool = False
@@ -132,10 +133,11 @@ class Attention(nn.Module):
     cache with its own K/V written at [cache_index, cache_index + L) (the caller keeps it or not)."""
 
     cfg: TransformerConfig
+    mask_mode: str = "full"
 
     @nn.compact
     def __call__(self, x: Array, cos: Array, sin: Array, cache: KVCache | None = None,
-                 cache_index: Array | None = None) -> tuple[Array, KVCache | None]:
+                 cache_index: Array | None = None, cache_len: Array | None = None) -> tuple[Array, KVCache | None]:
         cfg = self.cfg
         heads = (cfg.num_heads, cfg.head_dim)
         q, k, v = (
@@ -145,14 +147,17 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q = _constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
         if cache is None:
-            out = attention_lib.attention(q, k, v, mask_mode=cfg.mask_mode, impl=cfg.attention_impl)
-        else:
+            out = attention_lib.attention(q, k, v, mask_mode=self.mask_mode, impl=cfg.attention_impl,
+                                          block_size=cfg.block_size)
+        else:  # inside a decoded block: causal for AR, bidirectional for diffusion
             k_cache, v_cache = cache["key"].astype(k.dtype), cache["value"].astype(v.dtype)
-            out = attention_lib.cached_attention(q, k, v, k_cache, v_cache, cache_index, block_mask_mode=cfg.mask_mode,
-                                                 impl=cfg.attention_impl)
-            at = (0, cache_index, 0, 0)
-            cache = {"key": jax.lax.dynamic_update_slice(cache["key"], k.astype(cache["key"].dtype), at),
-                     "value": jax.lax.dynamic_update_slice(cache["value"], v.astype(cache["value"].dtype), at)}
+            out = attention_lib.cached_attention(
+                q, k, v, k_cache, v_cache, cache_index if cache_len is None else cache_len,
+                block_mask_mode="causal" if cfg.mask_mode == "causal" else "full", impl=cfg.attention_impl)
+            if cache_len is None:  # an explicit valid length marks a read-only cache (Fast-dLLM dual cache)
+                at = (0, cache_index, 0, 0)
+                cache = {"key": jax.lax.dynamic_update_slice(cache["key"], k.astype(cache["key"].dtype), at),
+                         "value": jax.lax.dynamic_update_slice(cache["value"], v.astype(cache["value"].dtype), at)}
         out = Projection(heads, (cfg.d_model,), ("heads", "kv", "embed"), cfg.compute_dtype, name="out")(out)
         return out, cache
 
@@ -200,14 +205,15 @@ class Block(nn.Module):
 
     cfg: TransformerConfig
     deterministic: bool = True
+    mask_mode: str = "full"
 
     @nn.compact
     def __call__(self, x: Array, cond: Array | None, cos: Array, sin: Array, cache: KVCache | None = None,
-                 cache_index: Array | None = None) -> tuple[Array, KVCache | None]:
+                 cache_index: Array | None = None, cache_len: Array | None = None) -> tuple[Array, KVCache | None]:
         cfg = self.cfg
         shift1, scale1, gate1, shift2, scale2, gate2 = _modulation(cond, 6, cfg.d_model, "adaln")
-        h, cache = Attention(cfg, name="attention")(
-            _modulate(Norm(cfg.norm, name="norm1")(x), shift1, scale1), cos, sin, cache, cache_index)
+        h, cache = Attention(cfg, self.mask_mode, name="attention")(
+            _modulate(Norm(cfg.norm, name="norm1")(x), shift1, scale1), cos, sin, cache, cache_index, cache_len)
         h = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(h)
         x = x + (h if gate1 is None else gate1.astype(h.dtype) * h)
         h = Mlp(cfg, name="mlp")(_modulate(Norm(cfg.norm, name="norm2")(x), shift2, scale2))
@@ -220,15 +226,21 @@ class Transformer(nn.Module):
     """tokens [B, L] (+ t [B] when time-conditioned) -> logits [B, L, vocab] in float32.
 
     With `cache` (from `init_cache`) the tokens are a block at positions [cache_index, cache_index + L) that
-    attends to the cached prefix and itself; the call then returns (logits, cache with the block's K/V written).
+    attends to the prefix cache[:cache_index] and itself; the call then returns (logits, cache with the block's K/V
+    written at cache_index). With `cache_len` the block reads cache[:cache_len] instead and the cache is returned
+    unchanged (a read-only cache of other positions, e.g. Fast-dLLM's dual cache). `positions` [L] overrides the
+    token positions (block diffusion trains on x_t (+) x_0, both halves at 0..L-1); `mask_mode` overrides
+    cfg.mask_mode.
     """
 
     cfg: TransformerConfig
 
     @nn.compact
     def __call__(self, tokens: Array, t: Array | None = None, deterministic: bool = True,
-                 cache: KVCache | None = None, cache_index: Array | int = 0) -> Array | tuple[Array, KVCache]:
+                 cache: KVCache | None = None, cache_index: Array | int = 0, cache_len: Array | None = None,
+                 positions: Array | None = None, mask_mode: str | None = None) -> Array | tuple[Array, KVCache]:
         cfg = self.cfg
+        mask_mode = mask_mode or cfg.mask_mode
         embed = nn.Embed(
             cfg.vocab_size,
             cfg.d_model,
@@ -245,7 +257,8 @@ class Transformer(nn.Module):
             cond = nn.Dense(cfg.cond_dim, name="time_in", **dense)(timestep_embedding(t, cfg.cond_dim))
             cond = nn.Dense(cfg.cond_dim, name="time_out", **dense)(nn.silu(cond))  # [B, cond_dim]
         cache_index = jnp.asarray(cache_index, jnp.int32)
-        positions = jnp.arange(tokens.shape[1]) + (cache_index if cache is not None else 0)
+        if positions is None:
+            positions = jnp.arange(tokens.shape[1]) + (cache_index if cache is not None else 0)
         cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_base)
 
         block = Block
@@ -257,17 +270,17 @@ class Transformer(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, deterministic, name="layers")
-            x, cache = stack(x, cond, cos, sin, cache, cache_index)
+            )(cfg, deterministic, mask_mode, name="layers")
+            x, cache = stack(x, cond, cos, sin, cache, cache_index, cache_len)
         else:
             layer_caches = []
             for i in range(cfg.num_layers):
                 layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
-                x, layer_cache = block(cfg, deterministic, name=f"layer_{i}")(x, cond, cos, sin, layer_cache,
-                                                                              cache_index)
+                x, layer_cache = block(cfg, deterministic, mask_mode, name=f"layer_{i}")(
+                    x, cond, cos, sin, layer_cache, cache_index, cache_len)
                 layer_caches.append(layer_cache)
             if cache is not None:
                 cache = jax.tree.map(lambda *c: jnp.stack(c), *layer_caches)

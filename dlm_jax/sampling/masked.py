@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -139,10 +140,12 @@ class MaskedSampling:
 
         return run_scan(step, state, steps)
 
-    def final_argmax(self, logits_fn: LogitsFn, state: SamplerState) -> SamplerState:
-        """Noise removal: [MASK]s left after the reverse steps take the argmax of one more forward (skipped with
-        `lax.cond` when none is left; the cached sampler reuses its prediction when it is still fresh)."""
+    def final_argmax(self, logits_fn: LogitsFn, state: SamplerState, active: Array | None = None) -> SamplerState:
+        """Noise removal: [MASK]s left (in `active`) after the reverse steps take the argmax of one more forward
+        (skipped with `lax.cond` when none is left; the cached sampler reuses its prediction while fresh)."""
         remaining = state.tokens == self.mask_id
+        if active is not None:
+            remaining &= active
         any_left = jnp.any(remaining)
         cached = isinstance(state.cache, dict) and "stale" in state.cache
         need_forward = any_left & state.cache["stale"] if cached else any_left
@@ -183,6 +186,15 @@ def check_spec(spec: SampleSpec, time_conditioned: bool) -> None:
             raise UserError(f"semi_ar: steps={spec.steps} is fewer than the {spec.length // block} blocks")
 
 
+def initial_cache(runner: str, n: int, length: int, vocab: int) -> Any:
+    """The `SamplerState.cache` a runner starts from (its structure must not change inside a scan)."""
+    if runner == "cached":
+        return {"logits": jnp.zeros((n, length, vocab), jnp.float32), "stale": jnp.array(True)}
+    if runner == "first_hitting":
+        return jnp.ones((n,), jnp.float32)  # per-sample time, reset to 1 by every first_hitting run
+    return None
+
+
 def semi_ar_block_length(spec: SampleSpec) -> int:
     return spec.block_length or min(16, spec.length)
 
@@ -198,12 +210,7 @@ def sample(logits_fn: LogitsFn, rng: Array, template: Array, spec: SampleSpec, *
     n, length = tokens.shape
     inner = spec.inner if spec.sampler == "semi_ar" else spec.sampler
     runner: Runner = getattr(ms, inner)
-    cache = None
-    if inner == "cached":
-        cache = {"logits": jnp.zeros((n, length, mask_id + 1), jnp.float32), "stale": jnp.array(True)}
-    elif inner == "first_hitting":
-        cache = jnp.ones((n,), jnp.float32)  # per-sample time, reset to 1 by every first_hitting run
-    state = init_state(tokens, rng, cache)
+    state = init_state(tokens, rng, initial_cache(inner, n, length, mask_id + 1))
     if spec.sampler == "semi_ar":
         block = semi_ar_block_length(spec)
         num_blocks = length // block

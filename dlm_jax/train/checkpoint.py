@@ -8,10 +8,13 @@ and the user is told; when none restores, nothing is touched and a one-line erro
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from dlm_jax.errors import UserError
@@ -76,3 +79,40 @@ class Checkpointer:
             for step in steps:
                 os.rename(os.path.join(self.directory, str(step)), os.path.join(self.directory, f"{step}.corrupt"))
         self._open()
+
+
+class PreemptionWatcher:
+    """Turns SIGTERM (and, multi-process, the TPU maintenance notice through jax's preemption sync point) into a
+    "save now and exit" decision that every process takes at the same step."""
+
+    def __init__(self):
+        self.signalled = False
+        self._multi = jax.process_count() > 1
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        del signum, frame
+        self.signalled = True
+
+    def reached(self, step: int, sync: bool) -> bool:
+        """Whether to checkpoint and stop after `step`. Multi-process: jax's preemption sync point every step,
+        plus an all-gather of the SIGTERM flags when `sync` (at log steps) so all processes stop together."""
+        if not self._multi:
+            return self.signalled
+        from jax.experimental import multihost_utils
+
+        try:
+            if multihost_utils.reached_preemption_sync_point(step):
+                return True
+        except RuntimeError:  # no preemption service (e.g. CPU collectives): rely on the flag exchange
+            pass
+        if sync:
+            flags = multihost_utils.process_allgather(np.array([int(self.signalled)]))
+            return bool(np.any(flags))
+        return False
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

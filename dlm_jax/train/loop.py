@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -188,6 +189,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         last = {}
         window_start, window_steps = time.perf_counter(), 0
         bar = tqdm.tqdm(total=config.train.num_steps, initial=start, disable=not is_main, dynamic_ncols=True)
+        preemption = checkpoint.PreemptionWatcher()
         for step in range(start + 1, config.train.num_steps + 1):
             state, metrics = train_step(state, sharding.global_batch(next(train_iter), batch_sharding))
             history.append((step, metrics))
@@ -196,7 +198,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 history[-3][1]["loss"].block_until_ready()
             bar.update(1)
             final = step == config.train.num_steps
-            if step % config.train.log_every == 0 or final:
+            log_step = step % config.train.log_every == 0 or final
+            preempted = preemption.reached(step, sync=log_step)
+            if log_step:
                 history = jax.device_get(history)
                 _check_finite(history, checkpointer)
                 elapsed = time.perf_counter() - window_start
@@ -212,10 +216,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 last.update(val)
                 bar.write(f"step {step}: " + json.dumps({k: round(v, 4) for k, v in val.items()}))
                 window_start = time.perf_counter()  # do not count eval time as training throughput
-            if step % config.train.checkpoint_every == 0 or final:
+            if step % config.train.checkpoint_every == 0 or final or preempted:
                 _check_finite(jax.device_get(history), checkpointer)
                 checkpointer.save(step, state, train_iter.get_state())
+            if preempted:
+                checkpointer.wait()
+                bar.write(f"preempted (SIGTERM) at step {step}: checkpoint saved in {checkpointer.directory}; "
+                          "run the same command again to resume", file=sys.stderr)
+                last["preempted_at_step"] = step
+                break
         bar.close()
+        preemption.close()
     checkpointer.close()
     writer.close()
     return last

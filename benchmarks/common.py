@@ -1,0 +1,37 @@
+"""Shared by the benchmark scripts: train a recipe once into a workdir (reused on later runs), evaluate it."""
+
+from __future__ import annotations
+
+import os
+
+from dlm_jax import config as config_lib
+from dlm_jax.eval.likelihood import Evaluator
+from dlm_jax.train import sharding
+from dlm_jax.train.checkpoint import Checkpointer
+from dlm_jax.train.loop import load_workdir_config, restore_for_inference, train
+
+
+def ensure_trained(recipe: str, workdir: str, data_path: str, num_steps: int, overrides: tuple[str, ...] = ()) -> str:
+    """Trains `recipe` on `data_path` for `num_steps` into `workdir` unless a checkpoint of that step is there."""
+    ckpt = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(ckpt):
+        checkpointer = Checkpointer(workdir, 3)
+        done = num_steps in checkpointer.steps()
+        checkpointer.close()
+        if done:
+            return workdir
+    config = config_lib.load_config_file(recipe)
+    config = config_lib.apply_overrides(config, [
+        f"--config.data.path={data_path}", f"--config.train.num_steps={num_steps}", "--config.train.eval_every=0",
+        f"--config.train.checkpoint_every={num_steps}", *overrides])
+    print(f"training {recipe} for {num_steps} steps into {workdir}")
+    train(config, workdir)
+    return workdir
+
+
+def evaluate(workdir: str, num_batches: int) -> dict:
+    """Val NELBO / NLL of the latest checkpoint (the same numbers as `dlm-jax eval`)."""
+    config = load_workdir_config(workdir)
+    exp, params, step = restore_for_inference(workdir, config)
+    with sharding.mesh_context(exp.mesh):
+        return Evaluator(exp, sharding.batch_sharding(exp.mesh)).run(params, step, num_batches)

@@ -1,0 +1,128 @@
+"""Block diffusion: L' = L is MDLM, L' = 1 is AR, clipped antithetic rates, exact KV-cached block decoding
+(== decoding without the cache), Fast-dLLM approximate caches, and the family end to end."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dlm_jax import config as config_lib
+from dlm_jax import families
+from dlm_jax.diffusion import block, masked
+from dlm_jax.diffusion.schedules import MaskSchedule
+from dlm_jax.errors import UserError
+from dlm_jax.sampling.loop import SampleSpec
+
+VOCAB = 13  # 12 tokens + [MASK]
+MASK = VOCAB - 1
+
+
+def _model(family, block_size, seed=0, **overrides):
+    c = config_lib.base_config()
+    c.model.family = family
+    c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 2, 32, 4, 64
+    c.model.block_size = block_size
+    for key, value in overrides.items():
+        c.model[key] = value
+    fam, model = families.build(c, vocab_size=VOCAB - 1, bos_id=0)
+    params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 16), jnp.int32), jnp.ones((1,)))["params"]
+    params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(seed + 1), x.shape), params)
+    return c, fam, model, params
+
+
+def _x0(batch=2, length=16, seed=3):
+    return jax.random.randint(jax.random.PRNGKey(seed), (batch, length), 0, VOCAB - 1)
+
+
+def test_block_size_L_is_mdlm():
+    """One block: noisy tokens see the whole noisy sequence and no clean token, exactly MDLM's forward."""
+    _, _, model, params = _model("block", block_size=16)
+    x0, mask = _x0(), jnp.ones((2, 16))
+    rates = jnp.array([[0.3], [0.8]])
+    rng = jax.random.PRNGKey(7)
+    logits_fn = lambda tokens, positions: model.apply({"params": params}, tokens, positions=positions)  # noqa: E731
+    got = block.nelbo_terms_at(logits_fn, x0, mask, rates, rng, MaskSchedule("linear"), 16, MASK)
+    want = masked.nelbo_terms_at(lambda z, t: model.apply({"params": params}, z, mask_mode="full"), x0, mask,
+                                 rates[:, 0], rng, MaskSchedule("linear"), 0, MASK)
+    np.testing.assert_allclose(got["nll_sum"], want["nll_sum"], rtol=1e-5)
+    np.testing.assert_allclose(got["per_sequence"].sum(), want["nll_sum"], rtol=1e-5)
+
+
+def test_block_size_1_is_autoregressive():
+    """L' = 1: the prediction of token i depends on x_{<i} only (an AR model), and with every token masked
+    (rate 1, weight 1) the NELBO is exactly the sum of those next-token cross-entropies."""
+    _, _, model, params = _model("block", block_size=1)
+    x0 = _x0(batch=1)
+
+    def noisy_logits(x):
+        z = jnp.full_like(x, MASK)
+        positions = jnp.concatenate([jnp.arange(16), jnp.arange(16)])
+        return model.apply({"params": params}, jnp.concatenate([z, x], axis=1), positions=positions)[:, :16]
+
+    base = noisy_logits(x0)
+    changed = noisy_logits(x0.at[:, 9:].set((x0[:, 9:] + 1) % (VOCAB - 1)))
+    np.testing.assert_allclose(changed[:, :10], base[:, :10], atol=1e-5)  # positions <= 9 never see x_{>=9}
+    assert not np.allclose(changed[:, 10:], base[:, 10:], atol=1e-3)
+    logits_fn = lambda tokens, positions: model.apply({"params": params}, tokens, positions=positions)  # noqa: E731
+    terms = block.nelbo_terms_at(logits_fn, x0, jnp.ones((1, 16)), jnp.ones((1, 16)), jax.random.PRNGKey(0),
+                                 MaskSchedule("linear"), 1, MASK)
+    log_probs = jax.nn.log_softmax(masked.subs_logits(base, MASK), axis=-1)
+    ce = -jnp.take_along_axis(log_probs, x0[..., None], axis=-1).sum()
+    np.testing.assert_allclose(terms["nll_sum"], ce, rtol=1e-5)
+
+
+def test_clipped_antithetic_rates_cover_the_interval():
+    rates = np.sort(np.asarray(block.block_mask_rates(jax.random.PRNGKey(0), 4, 8, 0.45, 0.95)).ravel())
+    assert rates.min() >= 0.45 and rates.max() <= 0.95
+    np.testing.assert_allclose(np.diff(rates), 0.5 / 32, rtol=1e-4)
+
+
+def test_variance_search_picks_the_lowest_variance_candidate():
+    best, variances = block.best_clip({(0.1, 0.9): np.array([1.0, 3.0]), (0.3, 0.8): np.array([2.0, 2.1])})
+    assert best == (0.3, 0.8) and variances["0.1-0.9"] == pytest.approx(1.0)
+
+
+def _sample(fam, model, params, config, sampler, template, steps, inner="ancestral", block_length=0, seed=0):
+    spec = SampleSpec(sampler, 3, len(template), steps=steps, inner=inner, block_length=block_length)
+    fam.check_sample(model, config, spec, template)
+    run = jax.jit(lambda rng: fam.sample(model, params, rng, config, spec, template))
+    tokens, stats = run(jax.random.PRNGKey(seed))
+    return np.asarray(tokens), int(stats["nfe"])
+
+
+@pytest.mark.parametrize("inner", ["ancestral", "topk_confidence", "cached"])
+def test_kv_cached_block_decoding_equals_decoding_without_the_cache(inner):
+    config, fam, model, params = _model("block", block_size=4)
+    template = np.array([3, 1, 4, 1, 5] + [-1] * 11, np.int32)
+    cached, nfe_cached = _sample(fam, model, params, config, "block", template, 16, inner)
+    plain, nfe_plain = _sample(fam, model, params, config, "block_nocache", template, 16, inner)
+    np.testing.assert_array_equal(cached, plain)
+    np.testing.assert_array_equal(cached[:, :5], np.broadcast_to(template[:5], (3, 5)))
+    assert not (cached == MASK).any()
+    assert nfe_cached <= nfe_plain + 3  # + one K/V-writing forward per finished block (not after the last)
+
+
+def test_fast_dllm_caches_fill_blocks_and_reduce_to_the_exact_sampler_with_one_block():
+    config, fam, model, params = _model("mdlm", block_size=1)
+    template = np.array([2, 7] + [-1] * 14, np.int32)
+    for sampler in ("prefix_cache", "dual_cache"):
+        tokens, _ = _sample(fam, model, params, config, sampler, template, 16, block_length=4)
+        assert not (tokens == MASK).any() and (tokens[:, :2] == [2, 7]).all()
+    # one block: no prefix, no suffix, nothing stale -> exactly semi_ar with one block (plus the refresh forward)
+    exact, nfe_exact = _sample(fam, model, params, config, "semi_ar", template, 8, block_length=16)
+    for sampler in ("prefix_cache", "dual_cache"):
+        tokens, nfe = _sample(fam, model, params, config, sampler, template, 8, block_length=16)
+        np.testing.assert_array_equal(tokens, exact)
+        assert nfe == nfe_exact + 1
+
+
+def test_block_config_errors():
+    c = config_lib.apply_overrides(config_lib.base_config(), ["--config.model.family=block",
+                                                               "--config.model.block_size=5"])
+    with pytest.raises(UserError, match="data.seq_len=128 is not divisible by model.block_size=5"):
+        config_lib.validate(c)
+    config, fam, model, _ = _model("block", block_size=4)
+    with pytest.raises(UserError, match="not divisible by the block size 4"):
+        fam.check_sample(model, config, SampleSpec("block", 1, 10, steps=8), np.full(10, -1))
+    with pytest.raises(UserError, match="unknown sampler 'ancestral' for a block"):
+        fam.check_sample(model, config, SampleSpec("ancestral", 1, 8), np.full(8, -1))
