@@ -41,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.scan_layers = True
     c.model.remat = "none"  # none | full | dots
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
-    c.model.attention_impl = "auto"  # auto | xla (Pallas kernels plug in behind kernels/attention.py)
+    c.model.attention_impl = "auto"  # auto | xla | pallas | pallas_interpret (kernels/attention.py)
     # masked diffusion (MDLM / MD4)
     c.model.schedule = "linear"  # linear | cosine | poly
     c.model.schedule_power = 2.0  # k for poly: alpha_t = 1 - t^k

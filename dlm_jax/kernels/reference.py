@@ -1,32 +1,58 @@
-"""Plain-jnp attention: the reference every kernel is tested against, and the `xla` implementation."""
+"""Plain-jnp attention: the reference every kernel is tested against, and the `xla` implementation.
+
+Mask modes (`allowed(mode, i, j, ...)` is the single definition; the Pallas kernels evaluate the same function on
+tile indices, splash attention on a numpy grid):
+  full          every pair.
+  causal        j <= i.
+  block_causal  block(j) <= block(i), block(x) = x // block_size (block diffusion over a whole sequence).
+  bd3_train     BD3-LM training over [x_t ; x_0] (q_len = kv_len = 2L; index x < L is noisy token x, x >= L is clean
+                token x - L): noisy->noisy same block; noisy->clean block(j - L) < block(i) (strictly earlier
+                blocks); clean->noisy never; clean->clean block(j - L) <= block(i - L).
+"""
 
 import jax
 import jax.numpy as jnp
 
 MASK_MODES = ("full", "causal", "block_causal", "bd3_train")
+BLOCK_MASK_MODES = ("full", "causal")  # inside a decoded block (cached attention)
 
 
-def attention_bias_mask(mode: str, q_len: int, kv_len: int, block_size: int = 1) -> jax.Array | None:
-    """Boolean [q_len, kv_len] mask of allowed (query, key) pairs for `mode`, or None when all are allowed.
+def check_mask_mode(mode: str, kv_len: int, block_size: int, modes: tuple[str, ...] = MASK_MODES) -> None:
+    """ValueError for an unknown mode, a bad block size, or a bd3_train sequence of odd length."""
+    if mode not in modes:
+        raise ValueError(f"unknown attention mask mode {mode!r}; choose one of {modes}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if mode == "bd3_train" and kv_len % 2:
+        raise ValueError(f"bd3_train attends over [x_t ; x_0], so its length must be even, got {kv_len}")
 
-    block_causal: block(j) <= block(i), block(x) = x // block_size. bd3_train (BD3-LM's vectorized training over
-    [x_t ; x_0], length 2L): noisy -> noisy within the same block, noisy -> clean in strictly earlier blocks,
-    clean -> clean block-causally, clean -> noisy never.
+
+def allowed(mode: str, i, j, block_size: int = 1, kv_len: int = 0):
+    """Whether query index `i` may attend to key index `j` (arrays that broadcast: numpy, jnp, or in-kernel values).
+
+    Only operators are used, so the same code runs in numpy, jnp and inside a Pallas kernel. `kv_len` (static) is
+    needed by bd3_train only (half = kv_len // 2). Returns None for `full` (no mask).
     """
-    i, j = jnp.arange(q_len)[:, None], jnp.arange(kv_len)[None, :]
     if mode == "full":
         return None
     if mode == "causal":
-        return i >= j
+        return j <= i
     if mode == "block_causal":
         return j // block_size <= i // block_size
     if mode == "bd3_train":
-        half = q_len // 2
+        half = kv_len // 2
         q_noisy, k_noisy = i < half, j < half
-        q_block, k_block = jnp.where(q_noisy, i, i - half) // block_size, jnp.where(k_noisy, j, j - half) // block_size
-        return ((q_noisy & k_noisy & (q_block == k_block)) | (q_noisy & ~k_noisy & (k_block < q_block))
-                | (~q_noisy & ~k_noisy & (k_block <= q_block)))
+        bq, bk = (i % half) // block_size, (j % half) // block_size
+        same = bk == bq
+        return ((q_noisy & k_noisy & same) | (q_noisy & ~k_noisy & (bk < bq))
+                | (~q_noisy & ~k_noisy & (bk <= bq)))
     raise ValueError(f"unknown attention mask mode {mode!r}; choose one of {MASK_MODES}")
+
+
+def attention_bias_mask(mode: str, q_len: int, kv_len: int, block_size: int = 1) -> jax.Array | None:
+    """Boolean [q_len, kv_len] mask of allowed (query, key) pairs for `mode`, or None when all are allowed."""
+    check_mask_mode(mode, kv_len, block_size)
+    return allowed(mode, jnp.arange(q_len)[:, None], jnp.arange(kv_len)[None, :], block_size, kv_len)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_mode: str = "full", block_size: int = 1) -> jax.Array:
@@ -40,7 +66,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_mode: str = "full",
     if mask is not None:
         scores = jnp.where(mask[None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v).astype(q.dtype)
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
@@ -51,6 +77,7 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Arra
     Inside the block the mask is `block_mask_mode` (full: bidirectional, block diffusion; causal: AR).
     Fixed shapes, so it runs inside `lax.scan`. -> [B, Lb, H, D] in q's dtype.
     """
+    check_mask_mode(block_mask_mode, k.shape[1], 1, BLOCK_MASK_MODES)
     scale = q.shape[-1] ** -0.5
     neg = jnp.finfo(jnp.float32).min
     s_cache = jnp.einsum("bqhd,bkhd->bhqk", q, k_cache, preferred_element_type=jnp.float32) * scale
@@ -61,4 +88,5 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Arra
         s_block = jnp.where(mask[None, None], s_block, neg)
     probs = jax.nn.softmax(jnp.concatenate([s_cache, s_block], axis=-1), axis=-1).astype(v.dtype)
     p_cache, p_block = probs[..., : k_cache.shape[1]], probs[..., k_cache.shape[1] :]
-    return jnp.einsum("bhqk,bkhd->bqhd", p_cache, v_cache) + jnp.einsum("bhqk,bkhd->bqhd", p_block, v)
+    out = jnp.einsum("bhqk,bkhd->bqhd", p_cache, v_cache) + jnp.einsum("bhqk,bkhd->bqhd", p_block, v)
+    return out.astype(q.dtype)

@@ -134,6 +134,7 @@ class Attention(nn.Module):
 
     cfg: TransformerConfig
     mask_mode: str = "full"
+    read_cache: bool = True  # False: the cache is known to be empty (index 0): skip reading it
 
     @nn.compact
     def __call__(self, x: Array, cos: Array, sin: Array, cache: KVCache | None = None,
@@ -150,10 +151,14 @@ class Attention(nn.Module):
             out = attention_lib.attention(q, k, v, mask_mode=self.mask_mode, impl=cfg.attention_impl,
                                           block_size=cfg.block_size)
         else:  # inside a decoded block: causal for AR, bidirectional for diffusion
-            k_cache, v_cache = cache["key"].astype(k.dtype), cache["value"].astype(v.dtype)
-            out = attention_lib.cached_attention(
-                q, k, v, k_cache, v_cache, cache_index if cache_len is None else cache_len,
-                block_mask_mode="causal" if cfg.mask_mode == "causal" else "full", impl=cfg.attention_impl)
+            block_mode = "causal" if cfg.mask_mode == "causal" else "full"
+            if self.read_cache:
+                k_cache, v_cache = cache["key"].astype(k.dtype), cache["value"].astype(v.dtype)
+                out = attention_lib.cached_attention(
+                    q, k, v, k_cache, v_cache, cache_index if cache_len is None else cache_len,
+                    block_mask_mode=block_mode, impl=cfg.attention_impl)
+            else:  # prefill / refresh at index 0: nothing cached yet (reading zeros only feeds constant folding)
+                out = attention_lib.attention(q, k, v, mask_mode=block_mode, impl=cfg.attention_impl)
             if cache_len is None:  # an explicit valid length marks a read-only cache (Fast-dLLM dual cache)
                 at = (0, cache_index, 0, 0)
                 cache = {"key": jax.lax.dynamic_update_slice(cache["key"], k.astype(cache["key"].dtype), at),
@@ -206,13 +211,14 @@ class Block(nn.Module):
     cfg: TransformerConfig
     deterministic: bool = True
     mask_mode: str = "full"
+    read_cache: bool = True
 
     @nn.compact
     def __call__(self, x: Array, cond: Array | None, cos: Array, sin: Array, cache: KVCache | None = None,
                  cache_index: Array | None = None, cache_len: Array | None = None) -> tuple[Array, KVCache | None]:
         cfg = self.cfg
         shift1, scale1, gate1, shift2, scale2, gate2 = _modulation(cond, 6, cfg.d_model, "adaln")
-        h, cache = Attention(cfg, self.mask_mode, name="attention")(
+        h, cache = Attention(cfg, self.mask_mode, self.read_cache, name="attention")(
             _modulate(Norm(cfg.norm, name="norm1")(x), shift1, scale1), cos, sin, cache, cache_index, cache_len)
         h = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(h)
         x = x + (h if gate1 is None else gate1.astype(h.dtype) * h)
@@ -226,11 +232,11 @@ class Transformer(nn.Module):
     """tokens [B, L] (+ t [B] when time-conditioned) -> logits [B, L, vocab] in float32.
 
     With `cache` (from `init_cache`) the tokens are a block at positions [cache_index, cache_index + L) that
-    attends to the prefix cache[:cache_index] and itself; the call then returns (logits, cache with the block's K/V
-    written at cache_index). With `cache_len` the block reads cache[:cache_len] instead and the cache is returned
-    unchanged (a read-only cache of other positions, e.g. Fast-dLLM's dual cache). `positions` [L] overrides the
-    token positions (block diffusion trains on x_t (+) x_0, both halves at 0..L-1); `mask_mode` overrides
-    cfg.mask_mode.
+    attends to the prefix cache[:cache_index] and itself (a Python int 0 means an empty cache: not read); the call
+    then returns (logits, cache with the block's K/V written at cache_index). With `cache_len` the block reads
+    cache[:cache_len] instead and the cache is returned unchanged (a read-only cache of other positions, e.g.
+    Fast-dLLM's dual cache). `positions` [L] overrides the token positions (block diffusion trains on
+    x_t (+) x_0, both halves at 0..L-1); `mask_mode` overrides cfg.mask_mode.
     """
 
     cfg: TransformerConfig
@@ -256,6 +262,7 @@ class Transformer(nn.Module):
             dense = dict(kernel_init=_dense_init((None, "cond")))
             cond = nn.Dense(cfg.cond_dim, name="time_in", **dense)(timestep_embedding(t, cfg.cond_dim))
             cond = nn.Dense(cfg.cond_dim, name="time_out", **dense)(nn.silu(cond))  # [B, cond_dim]
+        read_cache = not (isinstance(cache_index, int) and cache_index == 0 and cache_len is None)
         cache_index = jnp.asarray(cache_index, jnp.int32)
         if positions is None:
             positions = jnp.arange(tokens.shape[1]) + (cache_index if cache is not None else 0)
@@ -273,13 +280,13 @@ class Transformer(nn.Module):
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, deterministic, mask_mode, name="layers")
+            )(cfg, deterministic, mask_mode, read_cache, name="layers")
             x, cache = stack(x, cond, cos, sin, cache, cache_index, cache_len)
         else:
             layer_caches = []
             for i in range(cfg.num_layers):
                 layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
-                x, layer_cache = block(cfg, deterministic, mask_mode, name=f"layer_{i}")(
+                x, layer_cache = block(cfg, deterministic, mask_mode, read_cache, name=f"layer_{i}")(
                     x, cond, cos, sin, layer_cache, cache_index, cache_len)
                 layer_caches.append(layer_cache)
             if cache is not None:

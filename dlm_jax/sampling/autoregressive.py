@@ -60,7 +60,7 @@ def sample_cached(decode_fn: Callable[[Array, Any, Array], tuple[Array, Any]], c
     n, length = spec.num_samples, template.shape[0]
     prompt = jnp.broadcast_to(template[:num_prompt].astype(jnp.int32), (n, num_prompt))
     prefill = jnp.concatenate([jnp.full((n, 1), bos_id, jnp.int32), prompt], axis=1)  # [N, P + 1]
-    logits, cache = decode_fn(prefill, cache, jnp.zeros((), jnp.int32))
+    logits, cache = decode_fn(prefill, cache, 0)  # index 0: the empty cache is not read
     rng, rng_step = jax.random.split(rng)
     first = sample_categorical(rng_step, logits[:, -1], spec.temperature, spec.top_p)
     out = jnp.concatenate([prompt, first[:, None], jnp.zeros((n, length - num_prompt - 1), jnp.int32)], axis=1)

@@ -84,7 +84,7 @@ def approx_cache_sample(decode_fn: DecodeFn, init_cache: Callable[[int], Any], r
     state = init_state(jnp.broadcast_to(template.astype(jnp.int32), (n, length)), rng)
     for b in range(num_blocks):  # trace-time unroll: query shapes differ per block
         start, end = b * block_size, (b + 1) * block_size
-        _, cache = decode_fn(state.tokens, jnp.ones((n,)), init_cache(length), jnp.zeros((), jnp.int32))  # refresh
+        _, cache = decode_fn(state.tokens, jnp.ones((n,)), init_cache(length), 0)  # refresh: fill the whole cache
         state = state.replace(nfe=state.nfe + 1)
         if dual:  # keys: cached prefix + cached (stale) suffix, plus the block itself
             others = jax.tree.map(lambda c, s=start, e=end: jnp.concatenate([c[:, :, :s], c[:, :, e:]], axis=2), cache)

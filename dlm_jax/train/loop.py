@@ -48,6 +48,8 @@ class Experiment:
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     config_lib.validate(config)
+    if config.model.attention_impl == "pallas" and jax.default_backend() == "cpu":
+        raise UserError("model.attention_impl='pallas' needs a GPU or TPU; use xla or pallas_interpret on CPU")
     tokenizer = tokenizers.get_tokenizer(config.data)
     family, model = families.build(config, tokenizer.vocab_size, tokenizer.eos_id)
     mesh = sharding.make_mesh(config.mesh)
