@@ -167,17 +167,22 @@ def timed_loop(exp: Any, params: Any, driver: LoopDriver, seed: int, num_calls: 
     """Like eval/speed.py:timed_sample (call b uses fold_in(PRNGKey(seed), b); compile outside the clock), but
     each call is driven by the Python loop."""
     base = jax.random.PRNGKey(seed)
+
+    def run(rng: jax.Array) -> SamplerState:
+        st = driver.init(params, rng)
+        for _ in range(driver.num_steps):
+            st = driver.step(params, st)
+        return jax.block_until_ready(driver.final(params, st))
+
     with sharding.mesh_context(exp.mesh):
-        warm = driver.final(params, driver.step(params, driver.init(params, base)))  # compiles all pieces
-        jax.block_until_ready(warm)
+        # one whole untimed run with a key made as the timed ones are compiles every piece for every input it
+        # meets (a raw PRNGKey and a fold_in result, or the states init and step return, can differ in sharding /
+        # commitment, and each difference is a compile that would otherwise land inside the clock)
+        run(jax.random.fold_in(base, 0))
         outputs, nfes, seconds = [], [], 0.0
         for b in range(num_calls):
-            rng = jax.random.fold_in(base, b)
             start = time.perf_counter()
-            st = driver.init(params, rng)
-            for _ in range(driver.num_steps):
-                st = driver.step(params, st)
-            st = jax.block_until_ready(driver.final(params, st))
+            st = run(jax.random.fold_in(base, b))
             seconds += time.perf_counter() - start
             outputs.append(np.asarray(jax.device_get(st.tokens)))
             nfes.append(int(st.nfe))
@@ -196,10 +201,10 @@ def table_rows(args: argparse.Namespace, models: dict, judge: Judge, length: int
             settings.append(("mdlm", SampleSpec(sampler, args.num_samples, length, steps=steps, top_p=args.top_p,
                                                 block_length=args.block_length if sampler == "semi_ar" else 0)))
     settings += [("ar", SampleSpec(s, args.num_samples, length, steps=length, top_p=args.top_p)) for s in AR_SAMPLERS]
-    batch = dataclasses.replace  # every setting is checked before the first (slow) one runs
-    for family, spec in settings:
+    for family, spec in settings:  # every setting is checked before the first (slow) one runs
         exp = models[family][0]
-        exp.family.check_sample(exp.model, exp.config, batch(spec, num_samples=args.batch_size), template)
+        exp.family.check_sample(exp.model, exp.config, dataclasses.replace(spec, num_samples=args.batch_size),
+                                template)
     rows = []
     for family, spec in settings:
         exp, params = models[family][:2]
