@@ -13,7 +13,6 @@ Prints a table, then one JSON object as the last stdout line (also written to --
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -21,10 +20,9 @@ import platform
 
 import jax
 import numpy as np
-from common import ensure_trained, evaluate
+from common import ensure_trained, evaluate, random_model
 
 from dlm_jax.eval.sweep import generation_row
-from dlm_jax.families import build
 from dlm_jax.sampling.loop import SampleSpec
 from dlm_jax.train.loop import load_workdir_config, restore_for_inference
 
@@ -34,19 +32,13 @@ RECIPES = {"mdlm": "configs/shakespeare_mdlm.py", "block": "configs/shakespeare_
 
 def speed_rows(args: argparse.Namespace) -> tuple[list[dict], dict]:
     """Random-weight models at L = args.length (speed and token identity do not depend on training)."""
-    from dlm_jax import config as config_lib
     from dlm_jax.eval.speed import timed_sample
 
     rows, checks = [], {}
     for family, samplers in (("block", ("block", "block_nocache")),
                              ("mdlm", ("semi_ar", "prefix_cache", "dual_cache"))):
-        config = config_lib.load_config_file(RECIPES[family])
-        config = config_lib.apply_overrides(config, [f"--config.data.seq_len={args.length}",
-                                                     f"--config.model.block_size={args.block_size}",
-                                                     "--config.data.path=unused"])
-        fam, model = build(config, vocab_size=258, bos_id=256)
-        params = model.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32), np.ones((1,)))["params"]
-        exp = _Bare(fam, model, config)
+        exp, params = random_model(RECIPES[family], (f"--config.data.seq_len={args.length}",
+                                                     f"--config.model.block_size={args.block_size}"))
         template = np.full((args.length,), -1, np.int32)
         outputs = {}
         for sampler in samplers:
@@ -66,24 +58,11 @@ def speed_rows(args: argparse.Namespace) -> tuple[list[dict], dict]:
     return rows, checks
 
 
-@dataclasses.dataclass
-class _Bare:
-    """The parts of an Experiment `timed_sample` uses, for random-weight models (mesh: the local devices)."""
-
-    family: object
-    model: object
-    config: object
-
-    def __post_init__(self):
-        from dlm_jax.train import sharding
-
-        self.mesh = sharding.make_mesh(self.config.mesh)
-
-
 def quality_rows(args: argparse.Namespace) -> tuple[list[dict], dict]:
     """Train (if needed) MDLM, block L' = 4 and AR at the same budget; val likelihood, then generation."""
-    workdirs = {f: ensure_trained(RECIPES[f], os.path.join(args.workdir_root, f"shk_{f}"), args.data,
-                                  args.train_steps) for f in RECIPES}
+    workdirs = {f: os.path.join(args.workdir_root, f"shk_{f}") for f in RECIPES}
+    for family, workdir in workdirs.items():
+        ensure_trained(RECIPES[family], workdir, args.data, args.train_steps)
     likelihood = {f: evaluate(w, args.eval_batches) for f, w in workdirs.items()}
     from dlm_jax.eval.genppl import Judge
 

@@ -1,32 +1,39 @@
-"""Shared by the benchmark scripts: train a recipe once into a workdir (reused on later runs), evaluate it."""
+"""Shared by the benchmark scripts: train a recipe once into a workdir (reused on later runs), evaluate it, and
+random-weight models for speed-only measurements."""
 
 from __future__ import annotations
 
 import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
 
 from dlm_jax import config as config_lib
 from dlm_jax.eval.likelihood import Evaluator
 from dlm_jax.train import sharding
 from dlm_jax.train.checkpoint import Checkpointer
-from dlm_jax.train.loop import load_workdir_config, restore_for_inference, train
+from dlm_jax.train.loop import build_experiment, load_workdir_config, restore_for_inference, train
 
 
-def ensure_trained(recipe: str, workdir: str, data_path: str, num_steps: int, overrides: tuple[str, ...] = ()) -> str:
-    """Trains `recipe` on `data_path` for `num_steps` into `workdir` unless a checkpoint of that step is there."""
+def ensure_trained(recipe: str, workdir: str, data_path: str, num_steps: int, overrides: tuple[str, ...] = ()) -> bool:
+    """Trains `recipe` on `data_path` for `num_steps` into `workdir` unless a checkpoint of that step is there;
+    returns whether it trained now."""
     ckpt = os.path.join(workdir, "checkpoints")
     if os.path.isdir(ckpt):
         checkpointer = Checkpointer(workdir, 3)
         done = num_steps in checkpointer.steps()
         checkpointer.close()
         if done:
-            return workdir
+            return False
     config = config_lib.load_config_file(recipe)
     config = config_lib.apply_overrides(config, [
         f"--config.data.path={data_path}", f"--config.train.num_steps={num_steps}", "--config.train.eval_every=0",
         f"--config.train.checkpoint_every={num_steps}", *overrides])
-    print(f"training {recipe} for {num_steps} steps into {workdir}")
+    print(f"training {recipe} for {num_steps} steps into {workdir}", flush=True)
     train(config, workdir)
-    return workdir
+    return True
 
 
 def evaluate(workdir: str, num_batches: int) -> dict:
@@ -35,3 +42,13 @@ def evaluate(workdir: str, num_batches: int) -> dict:
     exp, params, step = restore_for_inference(workdir, config)
     with sharding.mesh_context(exp.mesh):
         return Evaluator(exp, sharding.batch_sharding(exp.mesh)).run(params, step, num_batches)
+
+
+def random_model(recipe: str, overrides: tuple[str, ...] = ()) -> tuple[Any, Any]:
+    """(experiment, random params) of `recipe` + overrides: for speed and token-identity checks only."""
+    config = config_lib.apply_overrides(config_lib.load_config_file(recipe), ["--config.data.path=unused",
+                                                                              *overrides])
+    exp = build_experiment(config)
+    with sharding.mesh_context(exp.mesh):
+        params = exp.model.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32), np.ones((1,), np.float32))
+    return exp, nn.meta.unbox(params["params"])

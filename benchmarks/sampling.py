@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
+import common
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,7 +41,7 @@ from dlm_jax.models.transformer import init_cache
 from dlm_jax.sampling.loop import SamplerState, SampleSpec, init_state, sample_categorical
 from dlm_jax.sampling.masked import MaskedSampling
 from dlm_jax.train import sharding
-from dlm_jax.train.loop import build_experiment, load_workdir_config, restore_for_inference, train
+from dlm_jax.train.loop import load_workdir_config, restore_for_inference
 
 RECIPES = {"mdlm": "configs/shakespeare_mdlm.py", "ar": "configs/shakespeare_ar.py"}
 MDLM_SAMPLERS = ("ancestral", "cached", "first_hitting", "topk_confidence", "semi_ar")
@@ -52,23 +52,11 @@ STEPLESS = ("first_hitting", *AR_SAMPLERS)  # samplers that ignore spec.steps (N
 # ------------------------------------------------------------------------------------------------ models
 
 
-def has_checkpoint(workdir: str) -> bool:
-    ckpt = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(ckpt) and any(name.isdigit() for name in os.listdir(ckpt))
-
-
 def ensure_trained(family: str, workdir: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Trains the shakespeare recipe of `family` into `workdir` unless it already holds a checkpoint."""
-    if has_checkpoint(workdir):
-        return {"trained_now": False, "train_seconds": 0.0}
-    config = config_lib.load_config_file(RECIPES[family])
-    config = config_lib.apply_overrides(config, [
-        f"--config.data.path={args.data}", f"--config.train.num_steps={args.train_steps}",
-        "--config.train.eval_every=0", f"--config.train.checkpoint_every={args.train_steps}"])
-    print(f"training {RECIPES[family]} for {args.train_steps} steps into {workdir}", flush=True)
+    """Trains the shakespeare recipe of `family` into `workdir` unless it already holds that checkpoint."""
     start = time.perf_counter()
-    train(config, workdir)
-    return {"trained_now": True, "train_seconds": time.perf_counter() - start}
+    trained = common.ensure_trained(RECIPES[family], workdir, args.data, args.train_steps)
+    return {"trained_now": trained, "train_seconds": time.perf_counter() - start if trained else 0.0}
 
 
 def restore(workdir: str, overrides: tuple[str, ...] = ()) -> tuple[Any, Any, int]:
@@ -79,14 +67,9 @@ def restore(workdir: str, overrides: tuple[str, ...] = ()) -> tuple[Any, Any, in
 
 def random_model(family: str, length: int, layers: int, d_model: int) -> tuple[Any, Any]:
     """(experiment, random params) of a tiny backbone: speed only (per-step overhead dominates)."""
-    config = config_lib.load_config_file(RECIPES[family])
-    config = config_lib.apply_overrides(config, [
+    return common.random_model(RECIPES[family], (
         f"--config.model.num_layers={layers}", f"--config.model.d_model={d_model}", "--config.model.num_heads=2",
-        f"--config.model.mlp_dim={4 * d_model}", f"--config.data.seq_len={length}", "--config.data.path=unused"])
-    exp = build_experiment(config)
-    with sharding.mesh_context(exp.mesh):
-        params = exp.model.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32), np.ones((1,), np.float32))
-    return exp, nn.meta.unbox(params["params"])
+        f"--config.model.mlp_dim={4 * d_model}", f"--config.data.seq_len={length}"))
 
 
 def num_params(params: Any) -> int:
