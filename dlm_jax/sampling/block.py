@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from dlm_jax.sampling.loop import SamplerState, SampleSpec, init_state
-from dlm_jax.sampling.masked import MaskedSampling, initial_cache
+from dlm_jax.sampling.masked import MaskedSampling, initial_cache, reverse_steps
 
 Array = jax.Array
 # decode_fn(tokens [N, Lq], t [N], cache, index) -> (logits [N, Lq, V], cache with the queries' K/V at index)
@@ -34,7 +34,7 @@ def _run_block(ms: MaskedSampling, state: SamplerState, blk: Array, logits_fn: C
     n, lb = blk.shape
     inner = init_state(blk, state.rng, initial_cache(ms.spec.inner, n, lb, ms.mask_id + 1))
     inner = inner.replace(step=state.step, nfe=state.nfe)
-    inner = getattr(ms, ms.spec.inner)(logits_fn, inner, jnp.ones((n, lb), bool), steps)
+    inner = getattr(ms, ms.spec.inner)(logits_fn, inner, jnp.ones((n, lb), bool), reverse_steps(ms.spec.inner, steps))
     return ms.final_argmax(logits_fn, inner)
 
 
@@ -101,7 +101,7 @@ def approx_cache_sample(decode_fn: DecodeFn, init_cache: Callable[[int], Any], r
         active = jnp.broadcast_to(jnp.arange(window_end - start) < block_size, window.shape)
         inner = init_state(window, state.rng, initial_cache(ms.spec.inner, n, window.shape[1], ms.mask_id + 1))
         inner = inner.replace(step=state.step, nfe=state.nfe)
-        inner = getattr(ms, ms.spec.inner)(logits_fn, inner, active, steps)
+        inner = getattr(ms, ms.spec.inner)(logits_fn, inner, active, reverse_steps(ms.spec.inner, steps))
         inner = ms.final_argmax(logits_fn, inner, active)
         done = jnp.where(active, inner.tokens, window)
         state = state.replace(tokens=state.tokens.at[:, start:window_end].set(done), rng=inner.rng, step=inner.step,

@@ -11,7 +11,8 @@ context) elsewhere. Only [MASK] positions ever change (SUBS carry-over), so know
   topk_confidence MaskGIT / LLaDA: commit the k most confident predictions per step, k from a linear or
                   cosine schedule of how many tokens stay masked
   semi_ar         blocks left to right; any of the above inside each block (Arriola et al. 2025 / LLaDA)
-With T steps the NFE budget is T: T - 1 reverse steps, then one argmax pass for what is still masked.
+With T steps the NFE budget is T: T - 1 reverse steps, then one argmax pass for what is still masked (semi_ar:
+T // blocks per block, each block completed before the next).
 """
 
 from __future__ import annotations
@@ -195,6 +196,12 @@ def initial_cache(runner: str, n: int, length: int, vocab: int) -> Any:
     return None
 
 
+def reverse_steps(runner: str, budget: int) -> int:
+    """Reverse steps a runner takes within a budget of `budget` forwards: the ancestral rules leave the last
+    forward to the argmax pass (T - 1 steps on the grid 1 -> eps); the others finish every token themselves."""
+    return max(budget - 1, 0) if runner in ("ancestral", "cached") else budget
+
+
 def semi_ar_block_length(spec: SampleSpec) -> int:
     return spec.block_length or min(16, spec.length)
 
@@ -218,11 +225,11 @@ def sample(logits_fn: LogitsFn, rng: Array, template: Array, spec: SampleSpec, *
 
         def block_body(st: SamplerState, b: Array) -> tuple[SamplerState, None]:
             active = jnp.broadcast_to((positions >= b * block) & (positions < (b + 1) * block), (n, length))
-            return runner(logits_fn, st, active, spec.steps // num_blocks), None
+            st = runner(logits_fn, st, active, reverse_steps(inner, spec.steps // num_blocks))
+            return ms.final_argmax(logits_fn, st, active), None  # a block is complete before the next starts
 
         state = jax.lax.scan(block_body, state, jnp.arange(num_blocks))[0]
     else:
-        steps = spec.steps if inner in ("topk_confidence", "first_hitting") else spec.steps - 1
-        state = runner(logits_fn, state, jnp.ones((n, length), bool), steps)
+        state = runner(logits_fn, state, jnp.ones((n, length), bool), reverse_steps(inner, spec.steps))
     state = ms.final_argmax(logits_fn, state)
     return state.tokens, {"nfe": state.nfe}
