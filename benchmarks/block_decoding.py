@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 
 import jax
 import numpy as np
-from common import ensure_trained, evaluate, random_model
+from common import ensure_trained, evaluate, random_model, write_result
 
 from dlm_jax.eval.sweep import generation_row
 from dlm_jax.sampling.loop import SampleSpec
@@ -131,10 +130,7 @@ def main() -> None:
         print(f"target: val ppl AR < block(L'=4) < MDLM: "
               f"{'met' if quality_checks['ordering_ar_lt_block_lt_mdlm'] else 'NOT met'}")
         result.update({"quality_rows": quality, "quality_checks": quality_checks})
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=2)
-    print(json.dumps(result))
+    write_result(result, args.output)
 
 
 if __name__ == "__main__":

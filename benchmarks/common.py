@@ -3,6 +3,7 @@ random-weight models for speed-only measurements."""
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -52,3 +53,11 @@ def random_model(recipe: str, overrides: tuple[str, ...] = ()) -> tuple[Any, Any
     with sharding.mesh_context(exp.mesh):
         params = exp.model.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32), np.ones((1,), np.float32))
     return exp, nn.meta.unbox(params["params"])
+
+
+def write_result(result: dict, path: str) -> None:
+    """Writes the benchmark's figures to `path` and prints them as the last stdout line (one JSON object)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result))

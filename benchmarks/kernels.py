@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import time
@@ -19,6 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import write_result
 
 from dlm_jax.kernels import attention as attention_lib
 
@@ -93,10 +93,7 @@ def main() -> None:
               "device": jax.devices()[0].device_kind, "backend": backend, "jax": jax.__version__,
               "kernel_impl": kernel_impl, "settings": {**vars(args), "length": length}, "rows": rows,
               "max_rel_error": max(r["rel_error"] for r in rows)}
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=2)
-    print(json.dumps(result))
+    write_result(result, args.output)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import platform
 import time
@@ -367,10 +366,7 @@ def main() -> None:
               "settings": {**vars(args), "length": length}, "models": info, "rows": rows,
               "cache_vs_ancestral": cache_detail, "kv_cache": kv_detail, "scan_vs_python_loop": loop_details,
               "targets": targets, "all_targets_met": all(t["met"] for t in targets), "wall_seconds": wall}
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=2)
-    print(json.dumps(result))
+    common.write_result(result, args.output)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,13 @@ in the same run by a large float32 matmul. Prints a table, then one JSON object 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import write_result
 
 from dlm_jax.config import base_config
 from dlm_jax.models.transformer import flops_per_token
@@ -109,10 +108,7 @@ def main() -> None:
     result = {"benchmark": "train_throughput", "backend": jax.default_backend(), "devices": jax.device_count(),
               "config": vars(args), "peak_tflops": peak / 1e12, "rows": rows, "mdlm_over_ar_tokens_per_second": ratio,
               "best_mfu": best}
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=2)
-    print(json.dumps(result))
+    write_result(result, args.output)
 
 
 if __name__ == "__main__":
