@@ -126,3 +126,30 @@ def test_block_config_errors():
         fam.check_sample(model, config, SampleSpec("block", 1, 10, steps=8), np.full(10, -1))
     with pytest.raises(UserError, match="unknown sampler 'ancestral' for a block"):
         fam.check_sample(model, config, SampleSpec("ancestral", 1, 8), np.full(8, -1))
+
+
+def test_block_family_through_the_cli(tmp_path):
+    """train -> eval (NELBO with U[1e-3, 1] + the clipped-schedule variance search) -> sample with the KV cache."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, small_corpus
+
+    def run(*args):
+        proc = subprocess.run([sys.executable, "-m", "dlm_jax.main", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    workdir = str(tmp_path / "block")
+    run("train", "--config=configs/shakespeare_block.py", f"--workdir={workdir}",
+        f"--config.data.path={small_corpus(tmp_path)}", "--config.model.num_layers=2", "--config.model.d_model=32",
+        "--config.model.num_heads=2", "--config.model.mlp_dim=64", "--config.data.seq_len=32",
+        "--config.train.batch_size=8", "--config.eval.batch_size=8", "--config.train.num_steps=2",
+        "--config.train.eval_every=0", "--config.eval.num_batches=2")
+    result = run("eval", f"--workdir={workdir}")
+    assert result["metric"] == "nelbo" and 0 < result["nelbo"] < 10
+    assert 0 < result["clip_best_beta"] < result["clip_best_omega"] <= 1 and len(result["clip_variances"]) == 6
+    stats = run("sample", f"--workdir={workdir}", "--sampler=block", "--steps=8", "--length=16", "--num_samples=2")
+    assert stats["sampler"] == "block" and stats["length"] == 16 and stats["nfe"] >= 1
