@@ -3,6 +3,8 @@
 set -euo pipefail
 
 PROG=$(basename "$0")
+# shellcheck source=launch/_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 usage() {
   cat <<EOF
@@ -37,34 +39,6 @@ Example (4 nodes of 8xH100: fsdp over the GPUs of a node, data over the nodes):
   $PROG --nodes=4 --gpus_per_node=8 --partition=gpu --time=48:00:00 -- dlm-jax train \\
       --config=configs/mdlm_owt.py --workdir=/shared/mdlm_owt --config.mesh.data=4 --config.mesh.fsdp=8
 EOF
-}
-
-die() {
-  echo "$PROG: error: $*" >&2
-  exit 2
-}
-
-quote() {
-  local s=$1
-  if [[ -n $s && $s =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-# Words quoted for a shell; --flag=VALUE / VAR=VALUE keep the name bare and quote only VALUE.
-quote_all() {
-  local out="" w
-  for w in "$@"; do
-    if [[ $w =~ ^(--?[A-Za-z0-9_.-]+=|[A-Za-z_][A-Za-z0-9_]*=)(.*)$ ]]; then
-      w="${BASH_REMATCH[1]}$(quote "${BASH_REMATCH[2]}")"
-    else
-      w=$(quote "$w")
-    fi
-    out+="${out:+ }$w"
-  done
-  printf '%s' "$out"
 }
 
 positive_int() {

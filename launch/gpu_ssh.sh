@@ -3,6 +3,8 @@
 set -euo pipefail
 
 PROG=$(basename "$0")
+# shellcheck source=launch/_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 usage() {
   cat <<EOF
@@ -35,34 +37,6 @@ Example (two 8xH100 hosts: fsdp over the 8 GPUs of a host, data over the 2 hosts
   $PROG --hosts=gpu-a,gpu-b -- dlm-jax train --config=configs/mdlm_owt.py --workdir=/shared/mdlm_owt \\
       --config.mesh.data=2 --config.mesh.fsdp=8
 EOF
-}
-
-die() {
-  echo "$PROG: error: $*" >&2
-  exit 2
-}
-
-quote() {
-  local s=$1
-  if [[ -n $s && $s =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-# Words quoted for a shell; --flag=VALUE / VAR=VALUE keep the name bare and quote only VALUE.
-quote_all() {
-  local out="" w
-  for w in "$@"; do
-    if [[ $w =~ ^(--?[A-Za-z0-9_.-]+=|[A-Za-z_][A-Za-z0-9_]*=)(.*)$ ]]; then
-      w="${BASH_REMATCH[1]}$(quote "${BASH_REMATCH[2]}")"
-    else
-      w=$(quote "$w")
-    fi
-    out+="${out:+ }$w"
-  done
-  printf '%s' "$out"
 }
 
 HOSTS_ARG="" PORT=12345 COORDINATOR="" REMOTE_DIR=$PWD VENV=.venv LOG_DIR=logs/gpu_ssh DRY_RUN=0

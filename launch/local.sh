@@ -3,6 +3,8 @@
 set -euo pipefail
 
 PROG=$(basename "$0")
+# shellcheck source=launch/_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 usage() {
   cat <<EOF
@@ -27,34 +29,6 @@ Example (2 processes x 4 fake devices = 8 devices; data across processes, fsdp i
   $PROG --num_processes=2 --devices_per_process=4 -- dlm-jax train --config=configs/quickstart.py \\
       --workdir=workdirs/local2 --config.mesh.data=2 --config.mesh.fsdp=-1
 EOF
-}
-
-die() {
-  echo "$PROG: error: $*" >&2
-  exit 2
-}
-
-quote() {
-  local s=$1
-  if [[ -n $s && $s =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-# Words quoted for a shell; --flag=VALUE / VAR=VALUE keep the name bare and quote only VALUE.
-quote_all() {
-  local out="" w
-  for w in "$@"; do
-    if [[ $w =~ ^(--?[A-Za-z0-9_.-]+=|[A-Za-z_][A-Za-z0-9_]*=)(.*)$ ]]; then
-      w="${BASH_REMATCH[1]}$(quote "${BASH_REMATCH[2]}")"
-    else
-      w=$(quote "$w")
-    fi
-    out+="${out:+ }$w"
-  done
-  printf '%s' "$out"
 }
 
 NUM_PROCESSES="" PORT=12355 DEVICES_PER_PROCESS="" DRY_RUN=0

@@ -3,6 +3,8 @@
 set -euo pipefail
 
 PROG=$(basename "$0")
+# shellcheck source=launch/_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 REPO_DEFAULT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 usage() {
@@ -48,35 +50,6 @@ Example:
   $PROG logs   --name=dlm --zone=us-central2-b
   $PROG delete --name=dlm --zone=us-central2-b
 EOF
-}
-
-die() {
-  echo "$PROG: error: $*" >&2
-  exit 2
-}
-
-# One word, quoted for a POSIX shell only when it needs it.
-quote() {
-  local s=$1
-  if [[ -n $s && $s =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-# Words quoted for a shell; --flag=VALUE keeps the flag bare and quotes only VALUE.
-quote_all() {
-  local out="" w
-  for w in "$@"; do
-    if [[ $w =~ ^(--?[A-Za-z0-9_.-]+=)(.*)$ ]]; then
-      w="${BASH_REMATCH[1]}$(quote "${BASH_REMATCH[2]}")"
-    else
-      w=$(quote "$w")
-    fi
-    out+="${out:+ }$w"
-  done
-  printf '%s' "$out"
 }
 
 DRY_RUN=0
