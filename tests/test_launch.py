@@ -65,8 +65,8 @@ def test_bash_syntax(script):
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_shellcheck():
-    proc = subprocess.run(["shellcheck", "-x", *[os.path.join(LAUNCH, s) for s in SCRIPTS]], cwd=ROOT, capture_output=True,
-                          text=True)
+    proc = subprocess.run(["shellcheck", "-x", *[os.path.join(LAUNCH, s) for s in SCRIPTS]], cwd=ROOT,
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
