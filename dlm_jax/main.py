@@ -20,6 +20,7 @@ import sys
 import numpy as np
 
 from dlm_jax import config as config_lib
+from dlm_jax import fileio
 from dlm_jax.errors import UserError
 
 
@@ -170,14 +171,14 @@ def cmd_sample(args, config) -> None:
     steps = config.sample.steps if args.steps is None else args.steps
     exp, params, step, spec, template, judge, batch_size = _sampling_setup(args, config, args.sampler, steps)
     tokens, row = generation_row(exp, params, spec, template, args.seed, batch_size, judge, args.retokenize)
-    output = args.output or os.path.join(args.workdir, "samples", f"{spec.sampler}_T{steps}_seed{args.seed}.jsonl")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-        for i, ids in enumerate(tokens):
-            text = exp.tokenizer.decode(ids)
-            print(f"--- sample {i} (step {step}, {spec.sampler}) ---")
-            print(text)
-            f.write(json.dumps({"text": text, "tokens": [int(x) for x in ids]}) + "\n")
+    output = args.output or fileio.join(args.workdir, "samples", f"{spec.sampler}_T{steps}_seed{args.seed}.jsonl")
+    lines = []
+    for i, ids in enumerate(tokens):
+        text = exp.tokenizer.decode(ids)
+        print(f"--- sample {i} (step {step}, {spec.sampler}) ---")
+        print(text)
+        lines.append(json.dumps({"text": text, "tokens": [int(x) for x in ids]}) + "\n")
+    fileio.write_text(output, "".join(lines))
     print(json.dumps({**row, "family": exp.family.name, "checkpoint_step": step, "output": output}))
 
 

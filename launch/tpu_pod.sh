@@ -44,7 +44,7 @@ Options:
 
 Example:
   $PROG create --name=dlm --zone=us-central2-b --accelerator=v4-32
-  $PROG setup  --name=dlm --zone=us-central2-b --extras=tpu,hf
+  $PROG setup  --name=dlm --zone=us-central2-b --extras=tpu,gcs,hf
   $PROG run    --name=dlm --zone=us-central2-b -- dlm-jax train --config=configs/mdlm_owt.py \\
       --workdir=gs://bucket/mdlm_owt --config.mesh.fsdp=-1
   $PROG logs   --name=dlm --zone=us-central2-b
@@ -71,7 +71,7 @@ remote_path() {
 
 SUBCOMMAND=""
 NAME="" ZONE="" PROJECT="" ACCELERATOR="" VERSION="" REMOTE_DIR="dlm-jax" REPO="$REPO_DEFAULT"
-EXTRAS="tpu" LOG="dlm-jax.log" WORKER=0
+EXTRAS="tpu,gcs" LOG="dlm-jax.log" WORKER=0
 REST=()
 while (($#)); do
   arg=$1

@@ -236,6 +236,10 @@ def test_tpu_pod_setup_dry_run():
     # The staging commands copy this repository without its virtualenv / git directory.
     (tar,) = [line for line in lines if "tar -C" in line]
     assert "--exclude=./.venv" in tar and "--exclude=./.git" in tar
+    # Without --extras a pod gets the TPU jax and the gs:// file system.
+    lines = _dry("tpu_pod.sh", "setup", "--name=dlm", "--zone=us-central2-b")
+    (install,) = [line for line in lines if "pip install" in line]
+    assert "pip install -q -e '.[tpu,gcs]'" in _gcloud_command_arg(install)
 
 
 @pytest.mark.parametrize(

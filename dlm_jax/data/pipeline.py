@@ -11,10 +11,8 @@ The iterator state (grain's `get_state()`) is saved with every checkpoint for ex
 
 from __future__ import annotations
 
-import glob
 import itertools
 import json
-import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -23,6 +21,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from dlm_jax import fileio
 from dlm_jax.data import sources
 from dlm_jax.data.tokenizers import Tokenizer
 from dlm_jax.errors import UserError
@@ -125,18 +124,17 @@ class ArrayRecordRows:
     """Rows of one split of a directory written by `dlm-jax prepare` (checked against the config first)."""
 
     def __init__(self, directory: str, split: str, tokenizer: Tokenizer, data: ml_collections.ConfigDict):
-        meta_path = os.path.join(directory, META_FILE)
-        if not os.path.isfile(meta_path):
+        meta_path = fileio.join(directory, META_FILE)
+        if not fileio.as_path(meta_path).is_file():
             raise UserError(f"data.path={directory!r} has no {META_FILE}: write it with `dlm-jax prepare "
                             f"--config=... --output_dir={directory}`")
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = json.loads(fileio.read_text(meta_path))
         want = {**tokenizer.describe(), "seq_len": data.seq_len, "packing": data.packing}
         for key, value in want.items():
             if meta.get(key) != value:
                 raise UserError(f"{directory!r} was prepared with {key}={meta.get(key)!r} but the config has "
                                 f"{value!r}; prepare it again or change the config")
-        paths = sorted(glob.glob(os.path.join(directory, f"{split}-*.array_record")))
+        paths = fileio.glob_files(fileio.join(directory, f"{split}-*.array_record"))
         if not paths:
             raise UserError(f"{directory!r} has no {split}-*.array_record shards; run `dlm-jax prepare` again")
         self.seq_len = data.seq_len
@@ -152,7 +150,7 @@ class ArrayRecordRows:
 def load_rows(data: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str) -> ArrayRows | ArrayRecordRows:
     """All rows of `split`: array_record shards as they are, any other source tokenized and packed now."""
     if data.source == "array_record":
-        rows = ArrayRecordRows(os.path.expanduser(data.path), split, tokenizer, data)
+        rows = ArrayRecordRows(fileio.expand(data.path), split, tokenizer, data)
     else:
         docs = sources.load_documents(data, split)
         blocks = list(pack(tokenize(docs, tokenizer, desc=f"tokenizing {split}"), data.seq_len, data.packing,

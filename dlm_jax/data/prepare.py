@@ -6,7 +6,7 @@
 Writes `{train,validation}-<i>-of-<n>.array_record` (one packed row per record, rows dealt round-robin to
 shards) and `meta.json` (tokenizer, seq_len, packing, row counts), which the reader checks against the
 config so a corpus is never read with another tokenizer or length. Documents stream through, so a corpus
-larger than memory is fine.
+larger than memory is fine. `--output_dir` may be a gs:// URI: the shards are written locally, then uploaded.
 """
 
 from __future__ import annotations
@@ -14,10 +14,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 
 import ml_collections
+import tqdm
 from array_record.python.array_record_module import ArrayRecordWriter
+from etils import epath
 
+from dlm_jax import fileio
 from dlm_jax.data import pipeline, sources, tokenizers
 from dlm_jax.errors import UserError
 
@@ -28,15 +32,20 @@ def prepare(data: ml_collections.ConfigDict, output_dir: str, num_shards: int = 
         raise UserError("data.source is already array_record; prepare reads a raw source (text_files, hf, tfds, ...)")
     if num_shards < 1:
         raise UserError(f"--num_shards must be >= 1, got {num_shards}")
-    output_dir = os.path.expanduser(output_dir)
-    if os.path.exists(os.path.join(output_dir, pipeline.META_FILE)):
+    output_dir = fileio.expand(output_dir)
+    output = fileio.as_path(output_dir)
+    if (output / pipeline.META_FILE).exists():
         raise UserError(f"{output_dir!r} already holds a prepared dataset; remove it or pick another --output_dir")
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
+    if output.is_dir() and any(output.iterdir()):
         raise UserError(f"--output_dir={output_dir!r} is not empty; give a new or empty directory")
     tokenizer = tokenizers.get_tokenizer(data)
-    staging = output_dir.rstrip("/") + ".incomplete"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
+    # shards are written locally (next to a local output, in a temp dir for a cloud one), then moved in place
+    if fileio.is_cloud(output_dir):
+        staging = tempfile.mkdtemp(prefix="dlm_jax_prepare_")
+    else:
+        staging = output_dir.rstrip("/") + ".incomplete"
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
     summary = {**tokenizer.describe(), "seq_len": data.seq_len, "packing": data.packing, "source": data.source,
                "splits": {}}
     for split in sources.SPLITS:
@@ -59,8 +68,22 @@ def prepare(data: ml_collections.ConfigDict, output_dir: str, num_shards: int = 
         summary["splits"][split] = {"rows": rows, "tokens": tokens}
     with open(os.path.join(staging, pipeline.META_FILE), "w") as f:
         json.dump(summary, f, indent=2)
-    os.makedirs(os.path.dirname(os.path.abspath(output_dir)), exist_ok=True)
-    if os.path.isdir(output_dir) and not os.listdir(output_dir):
-        os.rmdir(output_dir)
-    os.rename(staging, output_dir)
+    if fileio.is_cloud(output_dir):
+        _upload(staging, output)
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(output_dir)), exist_ok=True)
+        if os.path.isdir(output_dir) and not os.listdir(output_dir):
+            os.rmdir(output_dir)
+        os.rename(staging, output_dir)
     return {"output_dir": output_dir, **summary}
+
+
+def _upload(staging: str, output: epath.Path) -> None:
+    """Copies the staged files to cloud storage, meta.json last (a dataset without it is never read), then
+    removes the local staging directory."""
+    output.mkdir(parents=True, exist_ok=True)
+    names = sorted(os.listdir(staging), key=lambda name: name == pipeline.META_FILE)
+    for name in tqdm.tqdm(names, desc=f"uploading to {output}", unit="file"):
+        with open(os.path.join(staging, name), "rb") as src, (output / name).open("wb") as dst:
+            shutil.copyfileobj(src, dst, length=16 << 20)
+    shutil.rmtree(staging)

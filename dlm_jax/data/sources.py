@@ -13,7 +13,6 @@ for HF streaming, an iterable of strings (`StreamingDocuments`).
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import math
 import os
@@ -24,6 +23,7 @@ from typing import Any
 
 import ml_collections
 
+from dlm_jax import fileio
 from dlm_jax.errors import UserError
 
 SPLITS = ("train", "validation")
@@ -74,11 +74,6 @@ def _split_by_hash(paths: list[str], split: str, data: ml_collections.ConfigDict
     return ordered[:n_val] if split == "validation" else ordered[n_val:]
 
 
-def _read_text(path: str) -> str:
-    with open(path, "rb") as f:
-        return f.read().decode("utf-8", errors="replace")
-
-
 def python_stdlib(data: ml_collections.ConfigDict, split: str) -> Documents:
     """The `.py` files of the running Python's standard library (tests and site-packages left out)."""
     root = sysconfig.get_paths()["stdlib"]
@@ -89,7 +84,7 @@ def python_stdlib(data: ml_collections.ConfigDict, split: str) -> Documents:
     if not paths:
         raise UserError(f"no .py files under the Python standard library {root!r}; use data.source=text_files")
     chosen = _split_by_hash(paths, split, data, root)
-    return Documents(chosen, range(len(chosen)), _read_text)
+    return Documents(chosen, range(len(chosen)), fileio.read_text)
 
 
 class _TextSlice:
@@ -99,24 +94,24 @@ class _TextSlice:
         self.path, self.split, self.val_fraction = path, split, val_fraction
 
     def read(self) -> str:
-        text = _read_text(self.path)
+        text = fileio.read_text(self.path)
         cut = len(text) - int(len(text) * self.val_fraction)
         return text[cut:] if self.split == "validation" else text[:cut]
 
 
 def text_files(data: ml_collections.ConfigDict, split: str) -> Documents:
     """Files matching the glob `data.path`; each file is a document (each line with `data.document_per_line`)."""
-    pattern = os.path.expanduser(data.path)
-    paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    pattern = fileio.expand(data.path)
+    paths = fileio.glob_files(pattern)
     if not paths:
         raise UserError(f"data.path={data.path!r} matches no files; give a text file or a glob like 'dir/*.txt'")
-    if all(os.path.getsize(p) == 0 for p in paths):
+    if all(fileio.as_path(p).stat().length == 0 for p in paths):
         raise UserError(f"data.path={data.path!r}: every matching file is empty")
     if len(paths) == 1:
         texts = [_TextSlice(paths[0], split, data.val_fraction).read()]
     else:
         root = os.path.dirname(re.split(r"[*?[]", pattern, maxsplit=1)[0])  # hash paths below the glob's directory
-        texts = [_read_text(p) for p in _split_by_hash(paths, split, data, root)]
+        texts = [fileio.read_text(p) for p in _split_by_hash(paths, split, data, root)]
     if data.document_per_line:
         texts = [line for text in texts for line in text.splitlines() if line.strip()]
         if data.max_documents > 0:
@@ -174,7 +169,7 @@ def tfds_source(data: ml_collections.ConfigDict, split: str) -> Documents:
 
     if not data.name:
         raise UserError("data.source='tfds' needs --config.data.name=DATASET (e.g. lm1b)")
-    data_dir = os.path.expanduser(data.path) if data.path else None
+    data_dir = fileio.expand(data.path) if data.path else None
     try:
         splits = tfds.data_source(data.name, data_dir=data_dir)
     except Exception as e:  # noqa: BLE001 -- not found / not prepared / no network: one line
@@ -187,15 +182,15 @@ def hf_source(data: ml_collections.ConfigDict, split: str) -> Documents | Stream
     else `load_dataset(data.name, data.hf_config)` from the hub (streaming with `data.streaming`)."""
     import datasets
 
-    path = os.path.expanduser(data.path)
+    path = fileio.expand(data.path)
     where = f"HF dataset {data.name or path!r}"
     try:
-        if path and os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_dict.json")):
+        if path and fileio.as_path(fileio.join(path, "dataset_dict.json")).is_file():
             splits = dict(datasets.load_from_disk(path))
-        elif path and os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_info.json")):
+        elif path and fileio.as_path(fileio.join(path, "dataset_info.json")).is_file():
             splits = {data.train_split: datasets.load_from_disk(path)}
         elif path:
-            files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+            files = fileio.glob_files(path)
             if not files:
                 raise UserError(f"data.path={data.path!r} matches no files (nor a save_to_disk directory)")
             builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
-import os
 from typing import Any
 
 import numpy as np
 
+from dlm_jax import fileio
 from dlm_jax.eval.entropy import unigram_entropy_bits
 from dlm_jax.eval.genppl import Judge
 from dlm_jax.eval.speed import timed_sample
@@ -41,14 +42,13 @@ def run_sweep(exp: Any, params: Any, base: SampleSpec, samplers: list[str], step
             _, row = generation_row(exp, params, spec, template, seed, batch_size, judge, retokenize)
             print(json.dumps(row))
             rows.append(row)
-    os.makedirs(output_dir, exist_ok=True)
-    paths = {ext: os.path.join(output_dir, f"gen_sweep.{ext}") for ext in ("json", "csv", "png")}
-    with open(paths["json"], "w") as f:
-        json.dump(rows, f, indent=2)
-    with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    paths = {ext: fileio.join(output_dir, f"gen_sweep.{ext}") for ext in ("json", "csv", "png")}
+    fileio.write_text(paths["json"], json.dumps(rows, indent=2))
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    fileio.write_text(paths["csv"], table.getvalue())
     _plot(rows, paths["png"], "gen_ppl" if judge is not None else "entropy_bits")
     return {"rows": rows, **{f"{ext}_path": p for ext, p in paths.items()}}
 
@@ -71,5 +71,7 @@ def _plot(rows: list[dict], path: str, metric: str) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
+    fileio.as_path(path).write_bytes(image.getvalue())
     plt.close(fig)

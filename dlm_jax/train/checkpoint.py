@@ -7,7 +7,6 @@ and the user is told; when none restores, nothing is touched and a one-line erro
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
@@ -17,6 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dlm_jax import fileio
 from dlm_jax.errors import UserError
 
 
@@ -27,7 +27,7 @@ def _short(e: Exception) -> str:
 
 class Checkpointer:
     def __init__(self, workdir: str, max_to_keep: int):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.directory = fileio.absolute(fileio.join(workdir, "checkpoints"))
         self._max_to_keep = max_to_keep
         self._open()
 
@@ -77,7 +77,8 @@ class Checkpointer:
         self.manager.close()
         if jax.process_index() == 0:
             for step in steps:
-                os.rename(os.path.join(self.directory, str(step)), os.path.join(self.directory, f"{step}.corrupt"))
+                fileio.as_path(fileio.join(self.directory, str(step))).rename(
+                    fileio.join(self.directory, f"{step}.corrupt"))
         self._open()
 
 

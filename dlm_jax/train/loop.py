@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from typing import Any
@@ -18,7 +17,7 @@ import tqdm
 from jax.sharding import Mesh
 
 from dlm_jax import config as config_lib
-from dlm_jax import families
+from dlm_jax import families, fileio
 from dlm_jax.data import pipeline, tokenizers
 from dlm_jax.errors import UserError
 from dlm_jax.eval import likelihood
@@ -61,16 +60,15 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
 
 
 def saved_config_path(workdir: str) -> str:
-    return os.path.join(workdir, "config.json")
+    return fileio.join(workdir, "config.json")
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a workdir was trained with (WORKDIR/config.json)."""
     path = saved_config_path(workdir)
-    if not os.path.isfile(path):
+    if not fileio.as_path(path).is_file():
         raise UserError(f"{workdir!r} has no config.json: is it a dlm-jax workdir? train one with `dlm-jax train`")
-    with open(path) as f:
-        return config_lib.from_json(f.read(), where=path)
+    return config_lib.from_json(fileio.read_text(path), where=path)
 
 
 def restore_for_inference(workdir: str, config: ml_collections.ConfigDict) -> tuple[Experiment, Any, int]:
@@ -88,11 +86,11 @@ def restore_for_inference(workdir: str, config: ml_collections.ConfigDict) -> tu
 
 def check_workdir_matches(config: ml_collections.ConfigDict, workdir: str) -> None:
     """A workdir holding checkpoints of another model shape is an error, not a silent restart."""
-    if not os.path.isfile(saved_config_path(workdir)):
+    if not fileio.as_path(saved_config_path(workdir)).is_file():
         return
     saved = load_workdir_config(workdir)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir) or not any(name.isdigit() for name in os.listdir(ckpt_dir)):
+    ckpt_dir = fileio.as_path(fileio.join(workdir, "checkpoints"))
+    if not ckpt_dir.is_dir() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
         return
     for key in (*SHAPE_KEYS, "train.ema_decay"):
         old, new = config_lib.get_value(saved, key), config_lib.get_value(config, key)
@@ -164,10 +162,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     evaluator = likelihood.Evaluator(exp, batch_sharding) if config.train.eval_every > 0 else None
     # inputs are good: only now write to the workdir
     is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
+    fileio.as_path(workdir).mkdir(parents=True, exist_ok=True)
     if is_main:
-        with open(saved_config_path(workdir), "w") as f:
-            f.write(config_lib.to_json(config))
+        fileio.write_text(saved_config_path(workdir), config_lib.to_json(config))
     checkpointer = checkpoint.Checkpointer(workdir, config.train.max_checkpoints)
     writer = MetricsWriter(workdir, enabled=is_main)
 

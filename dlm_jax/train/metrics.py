@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
+
+from dlm_jax import fileio
 
 
 class MetricsWriter:
@@ -12,28 +13,26 @@ class MetricsWriter:
 
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = fileio.join(workdir, "metrics.jsonl")
         self._tb = None
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(fileio.join(workdir, "tensorboard"))  # gs:// needs google-cloud-storage
 
     def drop_after(self, step: int) -> None:
         """On resume, forget lines logged after the restored checkpoint (they will be logged again)."""
-        if not self.enabled or not os.path.exists(self.path):
+        if not self.enabled or not fileio.as_path(self.path).exists():
             return
-        with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(self.path, "w") as f:
-            f.writelines(kept)
+        lines = fileio.read_text(self.path).splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        fileio.write_text(self.path, "".join(kept))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        fileio.append_text(self.path, json.dumps(record) + "\n")
         for key, value in metrics.items():
             if math.isfinite(float(value)):
                 self._tb.add_scalar(key, float(value), step)
@@ -46,5 +45,5 @@ class MetricsWriter:
 
 def read_metrics(workdir: str) -> list[dict]:
     """All records of WORKDIR/metrics.jsonl."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in fileio.read_text(fileio.join(workdir, "metrics.jsonl")).splitlines()
+            if line.strip()]
