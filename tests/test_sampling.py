@@ -12,7 +12,7 @@ from dlm_jax.errors import UserError
 from dlm_jax.models.transformer import Transformer, TransformerConfig, init_cache
 from dlm_jax.sampling import autoregressive as ar
 from dlm_jax.sampling import masked
-from dlm_jax.sampling.loop import SampleSpec, nucleus_logits, sample_categorical
+from dlm_jax.sampling.loop import SampleSpec, argmax_last, nucleus_logits, sample_categorical
 from dlm_jax.sampling.prompts import build_template
 
 V, MASK = 6, 6
@@ -176,6 +176,17 @@ def test_sample_entropy_matches_exact_sampling_on_a_toy_vocabulary():
     assert abs(_entropy_bits(freq) - _entropy_bits(probs)) < 0.005
     np.testing.assert_allclose(freq, probs, atol=2.5e-3)
     assert 10 <= (draws == 7).sum() <= 70  # the 1e-4 tail is sampled (expected 40)
+
+
+def test_argmax_last_equals_jnp_argmax_with_ties_and_infinities():
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 3, size=(64, 7, 11)).astype(np.float32)  # many ties: the first index must win
+    x[0, 0] = -np.inf
+    x[0, 1, 4:] = np.inf
+    x[1] = rng.normal(size=(7, 11))
+    np.testing.assert_array_equal(argmax_last(jnp.asarray(x)), np.argmax(x, axis=-1))
+    assert argmax_last(jnp.asarray(x)).dtype == jnp.int32
+    assert int(argmax_last(jnp.full((5,), jnp.nan))) == 4  # never an index out of range
 
 
 def test_temperature_and_nucleus():

@@ -55,6 +55,16 @@ def run_while(step_fn: Callable[[SamplerState], SamplerState], state: SamplerSta
     return jax.lax.while_loop(keep_going, step_fn, state)
 
 
+def argmax_last(x: Array) -> Array:
+    """`jnp.argmax(x, axis=-1)` (the first index of the maximum) for NaN-free x, int32, computed as a max and then
+    a min over indices: two plain reductions, which XLA:CPU runs several times faster than its variadic argmax
+    reduce (that reduce was a third of an MDLM sampling step on CPU, see docs/benchmarks.md)."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    first = jnp.min(jnp.where(x == top, index, x.shape[-1]), axis=-1)
+    return jnp.minimum(first, x.shape[-1] - 1)  # a NaN row gives the last index, never one out of range
+
+
 def nucleus_logits(logits: Array, top_p: float) -> Array:
     """Keeps the smallest set of tokens whose probability reaches `top_p` (Holtzman et al. 2020); others -inf."""
     if top_p >= 1.0:
@@ -75,7 +85,7 @@ def sample_categorical(rng: Array, logits: Array, temperature: float = 1.0, top_
     """
     logits = logits.astype(jnp.float32)
     if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return argmax_last(logits)
     logits = nucleus_logits(logits / temperature, top_p)
     gumbel = jax.random.gumbel(rng, logits.shape, jnp.float32)
-    return jnp.argmax(logits + gumbel, axis=-1).astype(jnp.int32)
+    return argmax_last(logits + gumbel)

@@ -27,7 +27,15 @@ import jax.numpy as jnp
 from dlm_jax.diffusion.masked import subs_logits
 from dlm_jax.diffusion.schedules import MaskSchedule
 from dlm_jax.errors import UserError
-from dlm_jax.sampling.loop import SamplerState, SampleSpec, init_state, run_scan, run_while, sample_categorical
+from dlm_jax.sampling.loop import (
+    SamplerState,
+    SampleSpec,
+    argmax_last,
+    init_state,
+    run_scan,
+    run_while,
+    sample_categorical,
+)
 
 Array = jax.Array
 LogitsFn = Callable[[Array, Array], Array]  # (z [N, L], t [N]) -> logits [N, L, V+1]
@@ -109,7 +117,7 @@ class MaskedSampling:
             x0 = sample_categorical(rng_x0, self.predict(logits_fn, st.tokens, s), self.spec.temperature,
                                     self.spec.top_p)
             noise = jnp.where(todo, jax.random.gumbel(rng_pos, (n_samples, length)), -jnp.inf)
-            chosen = jax.nn.one_hot(jnp.argmax(noise, axis=-1), length, dtype=bool) & todo
+            chosen = jax.nn.one_hot(argmax_last(noise), length, dtype=bool) & todo
             return st.replace(tokens=jnp.where(chosen, x0, st.tokens), rng=rng, step=st.step + 1, nfe=st.nfe + 1,
                               cache=jnp.where(n > 0, s, t))
 
@@ -156,7 +164,7 @@ class MaskedSampling:
 
         def fill() -> Array:
             logits = jax.lax.cond(state.cache["stale"], forward, lambda: state.cache["logits"]) if cached else forward()
-            return jnp.where(remaining, jnp.argmax(logits, axis=-1).astype(jnp.int32), state.tokens)
+            return jnp.where(remaining, argmax_last(logits), state.tokens)
 
         tokens = jax.lax.cond(any_left, fill, lambda: state.tokens)
         return state.replace(tokens=tokens, nfe=state.nfe + need_forward.astype(jnp.int32))
