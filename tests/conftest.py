@@ -2,5 +2,38 @@
 
 import os
 
+import pytest
+
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The first CORPUS_CHARS characters of tinyshakespeare (ASCII: bytes == characters)."""
+    from tests.data_helpers import CORPUS_CHARS
+    from tests.helpers import small_corpus
+
+    path = small_corpus(tmp_path_factory.mktemp("corpus"), num_chars=CORPUS_CHARS)
+    with open(path, encoding="utf-8") as f:
+        assert f.read().isascii()
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus_text(corpus):
+    with open(corpus, encoding="utf-8") as f:
+        return f.read()
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No hub access, and HF datasets' cache in tmp."""
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
