@@ -1,9 +1,42 @@
-# Shared by the launch scripts (sourced; not run on its own): errors and shell quoting for --dry-run output.
+# Shared by the launch scripts (sourced; not run on its own): errors, option parsing and shell quoting for
+# --dry-run output.
 # shellcheck shell=bash
 
 die() {
   echo "$PROG: error: $*" >&2
   exit 2
+}
+
+# Parses "$@" for a script that defines usage() and set_option KEY VALUE (which returns 1 for a key it does not
+# know): -h/--help prints usage; --dry-run sets DRY_RUN=1; --key=value and --key value call set_option; the words
+# after '--' go to REST; any other word goes to POSITIONAL.
+# shellcheck disable=SC2034  # DRY_RUN, REST and POSITIONAL are read by the sourcing script
+parse_options() {
+  DRY_RUN=0 REST=() POSITIONAL=()
+  local arg key value
+  while (($#)); do
+    arg=$1
+    shift
+    case $arg in
+      -h | --help) usage; exit 0 ;;
+      --dry-run | --dry_run) DRY_RUN=1; continue ;;
+      --) REST=("$@"); break ;;
+      --*=*) key=${arg%%=*} value=${arg#*=} ;;
+      --*)
+        key=$arg
+        (($#)) || die "$key needs a value"
+        value=$1
+        shift
+        ;;
+      *) POSITIONAL+=("$arg"); continue ;;
+    esac
+    set_option "$key" "$value" || die "unknown option $key (see --help)"
+  done
+}
+
+# For scripts whose command comes after '--': no other bare word is allowed.
+no_positional() {
+  ((${#POSITIONAL[@]} == 0)) || die "unexpected argument '${POSITIONAL[0]}' (put the command after '--')"
 }
 
 # One word, quoted for a POSIX shell only when it needs it.

@@ -46,40 +46,28 @@ positive_int() {
 }
 
 NODES="" GPUS_PER_NODE=8 PORT="" JOB_NAME=dlm-jax PARTITION="" ACCOUNT="" TIME="" CPUS_PER_TASK=""
-OUTPUT="dlm-jax-%j.out" SCRIPT_FILE=./dlm-jax.sbatch DRY_RUN=0
+OUTPUT="dlm-jax-%j.out" SCRIPT_FILE=./dlm-jax.sbatch
 SBATCH_ARGS=()
-CMD=()
-while (($#)); do
-  arg=$1
-  shift
-  case $arg in
-    -h | --help) usage; exit 0 ;;
-    --dry-run | --dry_run) DRY_RUN=1; continue ;;
-    --) CMD=("$@"); break ;;
-    --*=*) key=${arg%%=*} value=${arg#*=} ;;
-    --*)
-      key=$arg
-      (($#)) || die "$key needs a value"
-      value=$1
-      shift
-      ;;
-    *) die "unexpected argument '$arg' (put the command after '--')" ;;
+set_option() {
+  case $1 in
+    --nodes) NODES=$2 ;;
+    --gpus_per_node | --gpus-per-node) GPUS_PER_NODE=$2 ;;
+    --port) PORT=$2 ;;
+    --job_name | --job-name) JOB_NAME=$2 ;;
+    --partition) PARTITION=$2 ;;
+    --account) ACCOUNT=$2 ;;
+    --time) TIME=$2 ;;
+    --cpus_per_task | --cpus-per-task) CPUS_PER_TASK=$2 ;;
+    --output) OUTPUT=$2 ;;
+    --sbatch_arg | --sbatch-arg) SBATCH_ARGS+=("$2") ;;
+    --script_file | --script-file) SCRIPT_FILE=$2 ;;
+    *) return 1 ;;
   esac
-  case $key in
-    --nodes) NODES=$value ;;
-    --gpus_per_node | --gpus-per-node) GPUS_PER_NODE=$value ;;
-    --port) PORT=$value ;;
-    --job_name | --job-name) JOB_NAME=$value ;;
-    --partition) PARTITION=$value ;;
-    --account) ACCOUNT=$value ;;
-    --time) TIME=$value ;;
-    --cpus_per_task | --cpus-per-task) CPUS_PER_TASK=$value ;;
-    --output) OUTPUT=$value ;;
-    --sbatch_arg | --sbatch-arg) SBATCH_ARGS+=("$value") ;;
-    --script_file | --script-file) SCRIPT_FILE=$value ;;
-    *) die "unknown option $key (see --help)" ;;
-  esac
-done
+}
+
+parse_options "$@"
+no_positional
+CMD=(${REST[@]+"${REST[@]}"})
 
 [[ -n $NODES ]] || die "--nodes is required (see --help)"
 positive_int --nodes "$NODES"

@@ -39,36 +39,24 @@ Example (two 8xH100 hosts: fsdp over the 8 GPUs of a host, data over the 2 hosts
 EOF
 }
 
-HOSTS_ARG="" PORT=12345 COORDINATOR="" REMOTE_DIR=$PWD VENV=.venv LOG_DIR=logs/gpu_ssh DRY_RUN=0
+HOSTS_ARG="" PORT=12345 COORDINATOR="" REMOTE_DIR=$PWD VENV=.venv LOG_DIR=logs/gpu_ssh
 SSH_ARGS=()
-CMD=()
-while (($#)); do
-  arg=$1
-  shift
-  case $arg in
-    -h | --help) usage; exit 0 ;;
-    --dry-run | --dry_run) DRY_RUN=1; continue ;;
-    --) CMD=("$@"); break ;;
-    --*=*) key=${arg%%=*} value=${arg#*=} ;;
-    --*)
-      key=$arg
-      (($#)) || die "$key needs a value"
-      value=$1
-      shift
-      ;;
-    *) die "unexpected argument '$arg' (put the command after '--')" ;;
+set_option() {
+  case $1 in
+    --hosts) HOSTS_ARG=$2 ;;
+    --port) PORT=$2 ;;
+    --coordinator) COORDINATOR=$2 ;;
+    --remote_dir | --remote-dir) REMOTE_DIR=$2 ;;
+    --venv) VENV=$2 ;;
+    --log_dir | --log-dir) LOG_DIR=$2 ;;
+    --ssh_arg | --ssh-arg) SSH_ARGS+=("$2") ;;
+    *) return 1 ;;
   esac
-  case $key in
-    --hosts) HOSTS_ARG=$value ;;
-    --port) PORT=$value ;;
-    --coordinator) COORDINATOR=$value ;;
-    --remote_dir | --remote-dir) REMOTE_DIR=$value ;;
-    --venv) VENV=$value ;;
-    --log_dir | --log-dir) LOG_DIR=$value ;;
-    --ssh_arg | --ssh-arg) SSH_ARGS+=("$value") ;;
-    *) die "unknown option $key (see --help)" ;;
-  esac
-done
+}
+
+parse_options "$@"
+no_positional
+CMD=(${REST[@]+"${REST[@]}"})
 
 [[ -n $HOSTS_ARG ]] || die "--hosts is required, e.g. --hosts=gpu-a,gpu-b (see --help)"
 IFS=, read -r -a HOSTS <<<"$HOSTS_ARG"

@@ -31,31 +31,19 @@ Example (2 processes x 4 fake devices = 8 devices; data across processes, fsdp i
 EOF
 }
 
-NUM_PROCESSES="" PORT=12355 DEVICES_PER_PROCESS="" DRY_RUN=0
-CMD=()
-while (($#)); do
-  arg=$1
-  shift
-  case $arg in
-    -h | --help) usage; exit 0 ;;
-    --dry-run | --dry_run) DRY_RUN=1; continue ;;
-    --) CMD=("$@"); break ;;
-    --*=*) key=${arg%%=*} value=${arg#*=} ;;
-    --*)
-      key=$arg
-      (($#)) || die "$key needs a value"
-      value=$1
-      shift
-      ;;
-    *) die "unexpected argument '$arg' (put the command after '--')" ;;
+NUM_PROCESSES="" PORT=12355 DEVICES_PER_PROCESS=""
+set_option() {
+  case $1 in
+    --num_processes | --num-processes) NUM_PROCESSES=$2 ;;
+    --port) PORT=$2 ;;
+    --devices_per_process | --devices-per-process) DEVICES_PER_PROCESS=$2 ;;
+    *) return 1 ;;
   esac
-  case $key in
-    --num_processes | --num-processes) NUM_PROCESSES=$value ;;
-    --port) PORT=$value ;;
-    --devices_per_process | --devices-per-process) DEVICES_PER_PROCESS=$value ;;
-    *) die "unknown option $key (see --help)" ;;
-  esac
-done
+}
+
+parse_options "$@"
+no_positional
+CMD=(${REST[@]+"${REST[@]}"})
 
 [[ -n $NUM_PROCESSES ]] || die "--num_processes is required (see --help)"
 [[ $NUM_PROCESSES =~ ^[1-9][0-9]*$ ]] || die "--num_processes must be a positive integer, got '$NUM_PROCESSES'"

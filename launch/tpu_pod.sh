@@ -52,7 +52,6 @@ Example:
 EOF
 }
 
-DRY_RUN=0
 # Prints the command (--dry-run) or runs it.
 run_cmd() {
   if ((DRY_RUN)); then
@@ -69,44 +68,27 @@ remote_path() {
   if [[ $1 == /* ]]; then quote "$1"; else printf '"$HOME"/%s' "$(quote "$1")"; fi
 }
 
-SUBCOMMAND=""
 NAME="" ZONE="" PROJECT="" ACCELERATOR="" VERSION="" REMOTE_DIR="dlm-jax" REPO="$REPO_DEFAULT"
 EXTRAS="tpu,gcs" LOG="dlm-jax.log" WORKER=0
-REST=()
-while (($#)); do
-  arg=$1
-  shift
-  case $arg in
-    -h | --help) usage; exit 0 ;;
-    --dry-run | --dry_run) DRY_RUN=1; continue ;;
-    --) REST=("$@"); break ;;
-    --*=*) key=${arg%%=*} value=${arg#*=} ;;
-    --*)
-      key=$arg
-      (($#)) || die "$key needs a value"
-      value=$1
-      shift
-      ;;
-    *)
-      [[ -z $SUBCOMMAND ]] || die "unexpected argument '$arg' (put the command after '--')"
-      SUBCOMMAND=$arg
-      continue
-      ;;
+set_option() {
+  case $1 in
+    --name) NAME=$2 ;;
+    --zone) ZONE=$2 ;;
+    --project) PROJECT=$2 ;;
+    --accelerator | --accelerator-type | --accelerator_type) ACCELERATOR=$2 ;;
+    --version) VERSION=$2 ;;
+    --remote_dir) REMOTE_DIR=$2 ;;
+    --repo) REPO=$2 ;;
+    --extras) EXTRAS=$2 ;;
+    --log) LOG=$2 ;;
+    --worker) WORKER=$2 ;;
+    *) return 1 ;;
   esac
-  case $key in
-    --name) NAME=$value ;;
-    --zone) ZONE=$value ;;
-    --project) PROJECT=$value ;;
-    --accelerator | --accelerator-type | --accelerator_type) ACCELERATOR=$value ;;
-    --version) VERSION=$value ;;
-    --remote_dir) REMOTE_DIR=$value ;;
-    --repo) REPO=$value ;;
-    --extras) EXTRAS=$value ;;
-    --log) LOG=$value ;;
-    --worker) WORKER=$value ;;
-    *) die "unknown option $key (see --help)" ;;
-  esac
-done
+}
+
+parse_options "$@"
+((${#POSITIONAL[@]} <= 1)) || die "unexpected argument '${POSITIONAL[1]}' (put the command after '--')"
+SUBCOMMAND=${POSITIONAL[0]-}
 
 case $SUBCOMMAND in
   create | setup | run | logs | stop | delete) ;;
