@@ -20,6 +20,7 @@ from dlm_jax import fileio
 from dlm_jax.data import pipeline, prepare, sources, tokenizers
 from dlm_jax.errors import UserError
 from dlm_jax.train import checkpoint, loop, metrics
+from tests.data_helpers import train_hf_tokenizer, train_sentencepiece
 from tests.helpers import small_corpus, tiny_config
 
 
@@ -183,3 +184,21 @@ def test_prepare_to_gs_then_read_array_record_from_gs(bucket, tmp_path, monkeypa
     assert opened[:2] == ["gs://bkt/prepared/train-00000-of-00002.array_record",
                           "gs://bkt/prepared/train-00001-of-00002.array_record"]
     assert not list(tmp_path.glob("dlm_jax_prepare_*"))  # the local staging copy is gone
+
+
+def test_tokenizer_files_from_gs(bucket):
+    """An HF tokenizer.json (file or directory) and a sentencepiece model in a bucket load like local ones."""
+    train_hf_tokenizer(bucket / "bkt" / "tok" / "tokenizer.json", ["<|endoftext|>", "<pad>"])
+    train_sentencepiece(bucket / "bkt")
+    text = "to be or not, héllo"
+    def load(kind, path):
+        overrides = (f"--config.data.tokenizer={kind}", f"--config.data.tokenizer_path={path}")
+        return tokenizers.get_tokenizer(tiny_config("unused", overrides=overrides).data)
+
+    for kind, where in [("hf", "tok/tokenizer.json"), ("hf", "tok"), ("sentencepiece", "padded.model")]:
+        local, cloud = load(kind, f"{bucket}/bkt/{where}"), load(kind, f"gs://bkt/{where}")
+        assert cloud.encode(text).tolist() == local.encode(text).tolist()
+        assert (cloud.eos_id, cloud.pad_id, cloud.vocab_size) == (local.eos_id, local.pad_id, local.vocab_size)
+    for kind, where in [("hf", "gs://bkt/nothing"), ("sentencepiece", "gs://bkt/nothing.model")]:
+        with pytest.raises(UserError, match="gs://bkt/nothing"):
+            load(kind, where)

@@ -6,8 +6,7 @@ import pytest
 
 from dlm_jax.data import tokenizers
 from dlm_jax.errors import UserError
-from tests.data_helpers import data_config, one_line
-from tests.helpers import SHAKESPEARE
+from tests.data_helpers import data_config, one_line, train_hf_tokenizer, train_sentencepiece
 
 
 def test_byte_tokenizer_round_trips_utf8_and_has_fixed_specials():
@@ -35,22 +34,8 @@ def test_char_tokenizer_is_the_text8_alphabet():
     assert tok.decode(tok.encode(text)) == text
 
 
-def _train_hf_tokenizer(path, special_tokens):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special_tokens, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["to be or not to be, that is the question", "héllo wörld"] * 20, trainer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path))
-    return tok
-
-
 def test_hf_tokenizer_from_file_and_directory_with_its_own_specials(tmp_path):
-    trained = _train_hf_tokenizer(tmp_path / "tok" / "tokenizer.json", ["<|endoftext|>", "<pad>"])
+    trained = train_hf_tokenizer(tmp_path / "tok" / "tokenizer.json", ["<|endoftext|>", "<pad>"])
     base = trained.get_vocab_size()
     assert 256 < base <= 300
     for where in (tmp_path / "tok" / "tokenizer.json", tmp_path / "tok"):
@@ -67,14 +52,14 @@ def test_hf_tokenizer_from_file_and_directory_with_its_own_specials(tmp_path):
 
 
 def test_hf_tokenizer_appends_missing_eos_and_pad_after_the_vocab(tmp_path):
-    trained = _train_hf_tokenizer(tmp_path / "plain.json", [])
+    trained = train_hf_tokenizer(tmp_path / "plain.json", [])
     base = trained.get_vocab_size()
     tok = tokenizers.get_tokenizer(data_config("tokenizer=hf", f"tokenizer_path={tmp_path / 'plain.json'}"))
     assert (tok.eos_id, tok.pad_id, tok.vocab_size) == (base, base + 1, base + 2)
     ids = tok.encode("to be")
     assert ids.max() < base and tok.decode([*ids.tolist(), base, base + 1]) == "to be"
 
-    trained = _train_hf_tokenizer(tmp_path / "eos_only.json", ["</s>"])
+    trained = train_hf_tokenizer(tmp_path / "eos_only.json", ["</s>"])
     base = trained.get_vocab_size()
     tok = tokenizers.get_tokenizer(data_config("tokenizer=hf", f"tokenizer_path={tmp_path / 'eos_only.json'}"))
     assert (tok.eos_id, tok.pad_id, tok.vocab_size) == (0, base, base + 1)
@@ -93,18 +78,7 @@ def test_hf_tokenizer_offline_hub_name_or_missing_path_is_a_one_line_error(offli
 
 @pytest.fixture(scope="module")
 def sp_model(tmp_path_factory):
-    import sentencepiece as spm
-
-    tmp = tmp_path_factory.mktemp("sp")
-    with open(SHAKESPEARE, encoding="utf-8") as f:
-        text = f.read(8000)
-    (tmp / "train.txt").write_text(text, encoding="utf-8")
-    common = dict(input=str(tmp / "train.txt"), vocab_size=64, model_type="bpe", character_coverage=1.0,
-                  minloglevel=2)
-    spm.SentencePieceTrainer.train(model_prefix=str(tmp / "plain"), **common)
-    spm.SentencePieceTrainer.train(model_prefix=str(tmp / "padded"), pad_id=3, unk_id=0, bos_id=1, eos_id=2,
-                                   **common)
-    return tmp
+    return train_sentencepiece(tmp_path_factory.mktemp("sp"))
 
 
 def test_sentencepiece_tokenizer_round_trips_and_appends_a_missing_pad(sp_model):

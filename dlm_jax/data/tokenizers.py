@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
+from dlm_jax import fileio
 from dlm_jax.errors import UserError
 
 TEXT8_ALPHABET = " abcdefghijklmnopqrstuvwxyz"
@@ -103,11 +104,12 @@ class HFTokenizer(Tokenizer):
     def __init__(self, name_or_path: str):
         from tokenizers import Tokenizer as HFTok
 
-        local = os.path.join(name_or_path, "tokenizer.json") if os.path.isdir(name_or_path) else name_or_path
-        if not os.path.isfile(local) and (os.path.exists(name_or_path) or name_or_path.endswith(".json")):
+        source = fileio.as_path(name_or_path)  # local or gs://
+        file = source / "tokenizer.json" if source.is_dir() else source
+        if not file.is_file() and (source.exists() or name_or_path.endswith(".json") or fileio.is_cloud(name_or_path)):
             raise UserError(f"data.tokenizer_path={name_or_path!r}: no tokenizer.json there")
         try:
-            self._tok = HFTok.from_file(local) if os.path.isfile(local) else HFTok.from_pretrained(name_or_path)
+            self._tok = HFTok.from_str(file.read_text()) if file.is_file() else HFTok.from_pretrained(name_or_path)
         except Exception as e:  # noqa: BLE001 -- hub errors (offline, typo) become one line
             raise UserError(
                 f"cannot load HF tokenizer {name_or_path!r} ({type(e).__name__}); give a hub name with network access, "
@@ -143,10 +145,11 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path: str):
         import sentencepiece as spm
 
-        if not os.path.isfile(path):
+        model = fileio.as_path(path)  # local or gs://
+        if not model.is_file():
             raise UserError(f"sentencepiece model {path!r} not found; set --config.data.tokenizer_path=FILE.model")
         try:
-            self._sp = spm.SentencePieceProcessor(model_file=path)
+            self._sp = spm.SentencePieceProcessor(model_proto=model.read_bytes())
         except Exception as e:  # noqa: BLE001
             raise UserError(f"{path!r} is not a sentencepiece model ({type(e).__name__})") from e
         self.name = f"sentencepiece:{os.path.basename(path)}"
