@@ -7,8 +7,10 @@ Cloud objects cannot be appended to or renamed atomically, so `append_text` rewr
 
 from __future__ import annotations
 
+import functools
 import glob
 import importlib.util
+import logging
 import os
 import re
 
@@ -40,16 +42,33 @@ def as_path(path: str | os.PathLike) -> epath.Path:
 
 
 def _check_cloud_support(uri: str) -> None:
-    """A one-line error when the fsspec file system of `uri`'s scheme is not installed."""
+    """A one-line error when the file system of `uri`'s scheme is not installed, or its bucket cannot be reached."""
     scheme = uri.split("://", 1)[0]
     protocol = {"gs": "gcs"}.get(scheme, scheme)
-    if scheme == "gs" and importlib.util.find_spec("tensorflow") is not None:
-        return  # epath then reads gs:// through tf.io.gfile
+    if not (scheme == "gs" and importlib.util.find_spec("tensorflow") is not None):  # else tf.io.gfile reads it
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except (ImportError, ValueError) as e:
+            extra = " (pip install -e '.[gcs]')" if scheme == "gs" else ""
+            raise UserError(f"{uri!r}: no file system for {scheme}:// is installed{extra}: {e}") from e
+    _check_reachable(scheme, uri.split("://", 1)[1].split("/", 1)[0])
+
+
+@functools.cache
+def _check_reachable(scheme: str, bucket: str) -> None:
+    """One request per bucket and process, so that no network / no credentials is a one-line error up front rather
+    than a traceback from deep inside a checkpoint write (a success is remembered, a failure is raised again)."""
+    client_log = logging.getLogger("gcsfs")  # logs each failed retry with a traceback; the error below says it once
+    level = client_log.level
+    client_log.setLevel(logging.CRITICAL)
     try:
-        fsspec.get_filesystem_class(protocol)
-    except (ImportError, ValueError) as e:
-        extra = " (pip install -e '.[gcs]')" if scheme == "gs" else ""
-        raise UserError(f"{uri!r}: no file system for {scheme}:// is installed{extra}: {e}") from e
+        epath.Path(f"{scheme}://{bucket}").exists()
+    except Exception as e:  # noqa: BLE001 -- DNS, auth, permission errors of any cloud client: one line
+        text = f"{type(e).__name__}: {e}".replace("\n", " ")[:200]
+        raise UserError(f"cannot reach {scheme}://{bucket} ({text}); check the network and the credentials "
+                        "(gcloud auth application-default login, or the VM's service account)") from e
+    finally:
+        client_log.setLevel(level)
 
 
 def join(path: str | os.PathLike, *parts: str) -> str:

@@ -53,8 +53,10 @@ def bucket(tmp_path):
     fsspec.register_implementation("gcs", _LocalBucket, clobber=True)
     _LocalBucket.clear_instance_cache()
     epath_backend.fsspec_backend._get_filesystem.cache_clear()
+    fileio._check_reachable.cache_clear()
     yield root
     epath_backend.fsspec_backend._get_filesystem.cache_clear()
+    fileio._check_reachable.cache_clear()
     _LocalBucket.clear_instance_cache()
 
 
@@ -66,6 +68,20 @@ def test_paths_keep_uris_and_expand_local_ones(bucket):
     assert fileio.expand("~/w") == os.path.join(os.path.expanduser("~"), "w")
     with pytest.raises(UserError, match="no file system for zz://"):
         fileio.as_path("zz://b/w")
+
+
+def test_unreachable_bucket_is_a_one_line_error(bucket, monkeypatch):
+    def no_network(self, path, **kwargs):
+        raise ConnectionError("Cannot connect to host storage.googleapis.com:443\n[Name or service not known]")
+
+    monkeypatch.setattr(_LocalBucket, "exists", no_network)
+    with pytest.raises(UserError, match=r"cannot reach gs://bkt \(ConnectionError: Cannot connect") as excinfo:
+        loop.load_workdir_config("gs://bkt/runs/one")
+    assert "\n" not in str(excinfo.value) and "credentials" in str(excinfo.value)
+    monkeypatch.undo()
+    fileio.as_path("gs://bkt/runs/one")  # reachable again: no error, and the success is remembered
+    monkeypatch.setattr(_LocalBucket, "exists", no_network)
+    fileio.as_path("gs://bkt/other")
 
 
 def test_glob_read_write_append_on_gs(bucket):
