@@ -22,8 +22,8 @@ import numpy as np
 from common import ensure_trained, evaluate, random_model, write_result
 
 from dlm_jax.eval.sweep import generation_row
+from dlm_jax.experiment import load_workdir_config, restore_for_inference
 from dlm_jax.sampling.loop import SampleSpec
-from dlm_jax.train.loop import load_workdir_config, restore_for_inference
 
 RECIPES = {"mdlm": "configs/shakespeare_mdlm.py", "block": "configs/shakespeare_block.py",
            "ar": "configs/shakespeare_ar.py"}
@@ -37,7 +37,7 @@ def speed_rows(args: argparse.Namespace) -> tuple[list[dict], dict]:
     for family, samplers in (("block", ("block", "block_nocache")),
                              ("mdlm", ("semi_ar", "prefix_cache", "dual_cache"))):
         exp, params = random_model(RECIPES[family], (f"--config.data.seq_len={args.length}",
-                                                     f"--config.model.block_size={args.block_size}"))
+                                                     f"--config.block.block_size={args.block_size}"))
         template = np.full((args.length,), -1, np.int32)
         outputs = {}
         for sampler in samplers:

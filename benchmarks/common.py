@@ -12,10 +12,12 @@ import jax
 import numpy as np
 
 from dlm_jax import config as config_lib
+from dlm_jax import families
 from dlm_jax.eval.likelihood import Evaluator
+from dlm_jax.experiment import build_experiment, load_workdir_config, restore_for_inference
 from dlm_jax.train import sharding
 from dlm_jax.train.checkpoint import Checkpointer
-from dlm_jax.train.loop import build_experiment, load_workdir_config, restore_for_inference, train
+from dlm_jax.train.loop import train
 
 
 def ensure_trained(recipe: str, workdir: str, data_path: str, num_steps: int, overrides: tuple[str, ...] = ()) -> bool:
@@ -28,7 +30,7 @@ def ensure_trained(recipe: str, workdir: str, data_path: str, num_steps: int, ov
         checkpointer.close()
         if done:
             return False
-    config = config_lib.load_config_file(recipe)
+    config = families.load_config_file(recipe)
     config = config_lib.apply_overrides(config, [
         f"--config.data.path={data_path}", f"--config.train.num_steps={num_steps}", "--config.train.eval_every=0",
         f"--config.train.checkpoint_every={num_steps}", *overrides])
@@ -47,7 +49,7 @@ def evaluate(workdir: str, num_batches: int) -> dict:
 
 def random_model(recipe: str, overrides: tuple[str, ...] = ()) -> tuple[Any, Any]:
     """(experiment, random params) of `recipe` + overrides: for speed and token-identity checks only."""
-    config = config_lib.apply_overrides(config_lib.load_config_file(recipe), ["--config.data.path=unused",
+    config = config_lib.apply_overrides(families.load_config_file(recipe), ["--config.data.path=unused",
                                                                               *overrides])
     exp = build_experiment(config)
     with sharding.mesh_context(exp.mesh):

@@ -36,11 +36,11 @@ from dlm_jax.diffusion.masked import schedule_from_config
 from dlm_jax.eval.genppl import Judge
 from dlm_jax.eval.speed import timed_sample
 from dlm_jax.eval.sweep import generation_row
+from dlm_jax.experiment import load_workdir_config, restore_for_inference
 from dlm_jax.models.transformer import init_cache
 from dlm_jax.sampling.loop import SamplerState, SampleSpec, init_state, sample_categorical
 from dlm_jax.sampling.masked import MaskedSampling
 from dlm_jax.train import sharding
-from dlm_jax.train.loop import load_workdir_config, restore_for_inference
 
 RECIPES = {"mdlm": "configs/shakespeare_mdlm.py", "ar": "configs/shakespeare_ar.py"}
 MDLM_SAMPLERS = ("ancestral", "cached", "first_hitting", "topk_confidence", "semi_ar")

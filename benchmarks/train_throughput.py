@@ -17,10 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from common import write_result
 
-from dlm_jax.config import base_config
+from dlm_jax.experiment import build_experiment
+from dlm_jax.families import base_config
 from dlm_jax.models.transformer import flops_per_token
 from dlm_jax.train import sharding
-from dlm_jax.train.loop import build_experiment, make_train_step
+from dlm_jax.train.loop import make_train_step
 from dlm_jax.train.state import create_train_state
 
 

@@ -5,7 +5,7 @@ Reference: OWT val ppl 17.54 (DESIGN.md section 3).
 
 import os
 
-from dlm_jax.config import load_config_file
+from dlm_jax.families import load_config_file
 
 
 def get_config():

@@ -6,7 +6,7 @@ Reference: LM1B val ppl <= 27.04 after 33B tokens (AR 22.32). Needs `pip install
 
 import os
 
-from dlm_jax.config import load_config_file
+from dlm_jax.families import load_config_file
 
 
 def get_config():

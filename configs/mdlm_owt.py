@@ -4,7 +4,7 @@ Reference: OWT val ppl <= 23.21 after 262B tokens (DESIGN.md section 3). Needs `
 (or a local copy: --config.data.path=DIR saved with datasets.save_to_disk, or `dlm-jax prepare` -> array_record).
 """
 
-from dlm_jax.config import base_config
+from dlm_jax.families import base_config
 
 
 def get_config():

@@ -8,7 +8,7 @@ up to the 5M test characters).
 
 import os
 
-from dlm_jax.config import load_config_file
+from dlm_jax.families import load_config_file
 
 
 def get_config():

@@ -3,7 +3,7 @@
 dlm-jax train --config=configs/quickstart.py --workdir=/tmp/dlm_quickstart
 """
 
-from dlm_jax.config import base_config
+from dlm_jax.families import base_config
 
 
 def get_config():

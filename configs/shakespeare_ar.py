@@ -6,7 +6,7 @@ dlm-jax train --config=configs/shakespeare_ar.py --workdir=/tmp/shakespeare_ar \
 
 import os
 
-from dlm_jax.config import load_config_file
+from dlm_jax.families import load_config_file
 
 
 def get_config():

@@ -4,7 +4,7 @@ dlm-jax train --config=configs/shakespeare_mdlm.py --workdir=/tmp/shakespeare_md
     --config.data.path=../shared/data/tinyshakespeare.txt
 """
 
-from dlm_jax.config import base_config
+from dlm_jax.families import base_config
 
 
 def get_config():

@@ -1,7 +1,9 @@
 """Config loading and validation: python config files with `get_config()`, `--config.key=value` overrides.
 
-Every recipe in `configs/` starts from `base_config()` so all configs share one schema; unknown keys and
-values of the wrong type are rejected with a one-line `UserError` naming the key.
+This module holds the common schema (`common_config()`: backbone, data, train, eval, sample, mesh) and the
+schema-agnostic machinery; the full schema adds one section per registered family and is built by
+`dlm_jax.families.base_config()`, which every recipe starts from. Unknown keys and values of the wrong type are
+rejected with a one-line `UserError` naming the key.
 """
 
 from __future__ import annotations
@@ -15,19 +17,21 @@ from typing import Any
 import ml_collections
 
 from dlm_jax.errors import UserError
+from dlm_jax.kernels.attention import IMPLS as attention_impls
 
-FAMILIES = ("mdlm", "block", "ar")
 TOKENIZERS = ("byte", "char", "hf", "sentencepiece")
 SOURCES = ("python_stdlib", "text_files", "tfds", "hf", "array_record")
 
 
-def base_config() -> ml_collections.ConfigDict:
-    """The full schema with defaults: a tiny byte-level MDLM on the embedded python_stdlib corpus."""
+def common_config() -> ml_collections.ConfigDict:
+    """The keys every family shares, with defaults: a tiny byte-level model on the embedded python_stdlib corpus.
+
+    Family sections (`config.mdlm`, `config.block`, ...) and `config.components` come from the registry."""
     c = ml_collections.ConfigDict()
     c.seed = 0
 
     c.model = ml_collections.ConfigDict()
-    c.model.family = "mdlm"  # mdlm | block | ar
+    c.model.family = "mdlm"  # a registered family: dlm_jax/families/
     c.model.num_layers = 4
     c.model.d_model = 256
     c.model.num_heads = 4
@@ -42,16 +46,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = "none"  # none | full | dots
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     c.model.attention_impl = "auto"  # auto | xla | pallas | pallas_interpret (kernels/attention.py)
-    # masked diffusion (MDLM / MD4)
-    c.model.schedule = "linear"  # linear | cosine | poly
-    c.model.schedule_power = 2.0  # k for poly: alpha_t = 1 - t^k
-    c.model.t_eps = 1e-3
-    c.model.antithetic = True
-    c.model.num_timesteps = 0  # 0: continuous-time NELBO; T > 0: discrete-time T-step NELBO
-    # block diffusion (BD3-LM)
-    c.model.block_size = 4  # L': tokens per block (1: AR, data.seq_len: MDLM)
-    c.model.clip_beta = 0.45  # training mask rates ~ U[beta, omega] (clipped schedule); eval uses U[t_eps, 1]
-    c.model.clip_omega = 0.95
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "python_stdlib"  # python_stdlib | text_files | tfds | hf | array_record
@@ -111,8 +105,8 @@ def base_config() -> ml_collections.ConfigDict:
 # Loading and overrides
 
 
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """Imports a python config file and returns its `get_config()`, locked against new keys."""
+def load_config_file(path: str, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Imports a python config file and returns its `get_config()`, checked against the schema `base` and locked."""
     if not os.path.isfile(path):
         raise UserError(f"config file {path!r} not found; pass e.g. --config=configs/quickstart.py")
     spec = importlib.util.spec_from_file_location("dlm_jax_user_config", path)
@@ -124,20 +118,20 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     if not hasattr(module, "get_config"):
         raise UserError(f"config file {path!r} has no get_config() function")
     config = module.get_config()
-    check_schema(config, where=path)
+    check_schema(config, base, where=path)
     config.lock()
     return config
 
 
-def check_schema(config: ml_collections.ConfigDict, where: str) -> None:
-    """Every key of `config` must exist in `base_config()` with the same type (catches typos in recipes)."""
-    base = base_config()
-    for key, value in _flatten(config).items():
+def check_schema(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict, where: str) -> None:
+    """Every key of `config` must exist in the schema `base` with the same type (catches typos in recipes)."""
+    for key, value in flatten(config).items():
         try:
             default = get_value(base, key)
         except KeyError:
-            raise UserError(f"{where}: unknown config key {key!r} (see dlm_jax/config.py:base_config)") from None
-        _cast(key, value, default)
+            raise UserError(f"{where}: unknown config key {key!r} (see dlm_jax/config.py and the family "
+                            "sections in dlm_jax/families/)") from None
+        cast(key, value, default)
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
@@ -150,13 +144,15 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
         try:
             current = get_value(config, key)
         except KeyError:
-            raise UserError(f"unknown config key {key!r} in {item!r}; see dlm_jax/config.py:base_config") from None
-        _set(config, key, _cast(key, _parse_literal(raw), current))
+            raise UserError(f"unknown config key {key!r} in {item!r}; see dlm_jax/config.py and the family "
+                            "sections in dlm_jax/families/") from None
+        set_value(config, key, cast(key, parse_literal(raw), current))
     config.lock()
     return config
 
 
-def _parse_literal(raw: str) -> Any:
+def parse_literal(raw: str) -> Any:
+    """A command-line value as a python literal (true/false, numbers, ...), else the bare string."""
     if raw.lower() in ("true", "false"):
         return raw.lower() == "true"
     try:
@@ -165,7 +161,7 @@ def _parse_literal(raw: str) -> Any:
         return raw  # a bare string
 
 
-def _cast(key: str, value: Any, default: Any) -> Any:
+def cast(key: str, value: Any, default: Any) -> Any:
     """Returns `value` converted to the type of `default`, or raises a one-line UserError."""
     want = type(default)
     if isinstance(value, want) and not (want is int and isinstance(value, bool)):
@@ -188,7 +184,7 @@ def get_value(config: ml_collections.ConfigDict, key: str) -> Any:
     return node
 
 
-def _set(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+def set_value(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
     *parents, leaf = key.split(".")
     node = config
     for part in parents:
@@ -197,11 +193,11 @@ def _set(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
         node[leaf] = value
 
 
-def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in config.items():
         if isinstance(v, ml_collections.ConfigDict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -211,25 +207,25 @@ def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, A
 # Validation of values and consistency
 
 
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+def choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise UserError(f"config key {key!r} is {value!r}; choose one of {', '.join(allowed)}")
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks values and their consistency; raises a one-line UserError naming the key."""
+def validate_common(config: ml_collections.ConfigDict) -> None:
+    """Checks the common keys' values and consistency; raises a one-line UserError naming the key.
+
+    (`dlm_jax.families.validate` runs this, then the family's own checks.)"""
     m, d, t = config.model, config.data, config.train
-    _choice("model.family", m.family, FAMILIES)
-    _choice("model.mlp_type", m.mlp_type, ("swiglu", "gelu"))
-    _choice("model.norm", m.norm, ("rmsnorm", "layernorm"))
-    _choice("model.remat", m.remat, ("none", "full", "dots"))
-    _choice("model.dtype", m.dtype, ("float32", "bfloat16"))
-    _choice("model.attention_impl", m.attention_impl, ("auto", "xla", "pallas", "pallas_interpret"))
-    _choice("model.schedule", m.schedule, ("linear", "cosine", "poly"))
-    _choice("data.source", d.source, SOURCES)
-    _choice("data.tokenizer", d.tokenizer, TOKENIZERS)
-    _choice("data.packing", d.packing, ("wrap", "pad"))
-    _choice("train.lr_schedule", t.lr_schedule, ("constant", "cosine"))
+    choice("model.mlp_type", m.mlp_type, ("swiglu", "gelu"))
+    choice("model.norm", m.norm, ("rmsnorm", "layernorm"))
+    choice("model.remat", m.remat, ("none", "full", "dots"))
+    choice("model.dtype", m.dtype, ("float32", "bfloat16"))
+    choice("model.attention_impl", m.attention_impl, attention_impls)
+    choice("data.source", d.source, SOURCES)
+    choice("data.tokenizer", d.tokenizer, TOKENIZERS)
+    choice("data.packing", d.packing, ("wrap", "pad"))
+    choice("train.lr_schedule", t.lr_schedule, ("constant", "cosine"))
     for key in ("model.num_layers", "model.d_model", "model.num_heads", "model.mlp_dim", "data.seq_len",
                 "train.num_steps", "train.batch_size", "train.log_every", "train.checkpoint_every",
                 "eval.batch_size", "train.max_checkpoints", "data.streaming_val_documents"):
@@ -241,19 +237,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"head dim d_model/num_heads={m.d_model // m.num_heads} must be even for rotary embeddings")
     if not 0.0 <= t.ema_decay < 1.0:
         raise UserError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
-    if not 0.0 < m.t_eps < 1.0:
-        raise UserError(f"model.t_eps must be in (0, 1), got {m.t_eps}")
-    if m.family == "block":
-        if m.block_size < 1 or d.seq_len % m.block_size:
-            raise UserError(f"data.seq_len={d.seq_len} is not divisible by model.block_size={m.block_size}")
-        if m.time_conditioning:
-            raise UserError("block diffusion gives every block its own t: set model.time_conditioning=False")
-        if not 0.0 < m.clip_beta < m.clip_omega <= 1.0:
-            raise UserError(f"need 0 < model.clip_beta < model.clip_omega <= 1, got {m.clip_beta}, {m.clip_omega}")
-        if d.packing == "pad":
-            raise UserError("block diffusion trains on packed rows: set data.packing=wrap")
-    if m.num_timesteps < 0:
-        raise UserError(f"model.num_timesteps must be >= 0 (0 = continuous time), got {m.num_timesteps}")
     if d.source in ("text_files", "array_record") and not d.path:
         raise UserError(f"data.source={d.source!r} needs --config.data.path=... (a file glob or directory)")
     if d.tokenizer in ("hf", "sentencepiece") and not d.tokenizer_path:
@@ -266,18 +249,24 @@ def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True)
 
 
-def from_json(text: str, where: str) -> ml_collections.ConfigDict:
-    """Rebuilds a config saved by `to_json` (e.g. WORKDIR/config.json), filling keys added since with defaults."""
+def from_json(text: str, where: str, base: ml_collections.ConfigDict,
+              renamed: dict[str, str | None] | None = None) -> ml_collections.ConfigDict:
+    """Rebuilds a config saved by `to_json` (e.g. WORKDIR/config.json) on the schema `base`, filling keys added
+    since with defaults. `renamed` maps keys of older versions to their new name (None: no longer used)."""
     try:
         saved = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{where} is not valid JSON ({e}); restore it or retrain in a new --workdir") from e
-    config = base_config()
-    for key, value in _flatten(ml_collections.ConfigDict(saved)).items():
+    renamed = renamed or {}
+    for key, value in flatten(ml_collections.ConfigDict(saved)).items():
+        if key in renamed:
+            if renamed[key] is None:
+                continue
+            key = renamed[key]
         try:
-            default = get_value(config, key)
+            default = get_value(base, key)
         except KeyError:
             raise UserError(f"{where}: unknown config key {key!r}; was it written by a newer dlm-jax?") from None
-        _set(config, key, _cast(key, value, default))
-    config.lock()
-    return config
+        set_value(base, key, cast(key, value, default))
+    base.lock()
+    return base

@@ -2,7 +2,8 @@
 
   dlm-jax train   --config=configs/quickstart.py --workdir=DIR [--config.key=value ...]
   dlm-jax eval    --workdir=DIR [--config.key=value ...]
-  dlm-jax sample  --workdir=DIR [--num_samples=N] [--steps=T] [--length=L] [--seed=S] [--config.key=value ...]
+  dlm-jax sample  --workdir=DIR [--sampler=NAME] [--sampler.key=value ...] [--num_samples=N] [--steps=T]
+                  [--length=L] [--seed=S] [--config.key=value ...]   (--sampler=NAME --help: its options)
   dlm-jax prepare --config=configs/x.py --output_dir=DIR [--config.key=value ...]
   dlm-jax compile --config=configs/x.py --mesh=data=2,fsdp=4 [--config.key=value ...]
 
@@ -70,44 +71,91 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
-    p.add_argument("--block_length", type=int, default=0, help="semi_ar: tokens per block (default 16)")
-    p.add_argument("--inner", default="ancestral", help="semi_ar: the sampler inside each block")
-    p.add_argument("--unmask_schedule", default="linear", help="topk_confidence: linear or cosine")
     p.add_argument("--judge_workdir", default=None, help="an AR workdir that scores the samples (Gen PPL)")
     p.add_argument("--retokenize", action="store_true", help="score with a judge of another tokenizer")
 
 
-def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str], dict[str, str]]:
+    """(other arguments, --config.k=v overrides, {k: v} of the --sampler.k=v sampler options)."""
     overrides = [a for a in argv if a.startswith("--config.")]
-    return [a for a in argv if not a.startswith("--config.")], overrides
+    options = {}
+    for a in argv:
+        if a.startswith("--sampler."):
+            key, sep, value = a[len("--sampler."):].partition("=")
+            if not sep or not key:
+                raise UserError(f"cannot parse argument {a!r}; sampler options look like --sampler.inner=cached")
+            options[key] = value
+    rest = [a for a in argv if not a.startswith(("--config.", "--sampler."))]
+    return rest, overrides, options
 
 
 def _load(args: argparse.Namespace, overrides: list[str]):
+    from dlm_jax import families
+
     if getattr(args, "config", None):
-        config = config_lib.load_config_file(args.config)
+        config = families.load_config_file(args.config)
     else:
-        from dlm_jax.train.loop import load_workdir_config
+        from dlm_jax.experiment import load_workdir_config
 
         config = load_workdir_config(args.workdir)
     config = config_lib.apply_overrides(config, overrides)
-    config_lib.validate(config)
+    families.validate(config)
     return config
 
 
-def cmd_train(args, config) -> None:
+def sampler_options(family, sampler: str, values: dict[str, str], strict: bool = True):
+    """The typed options of `sampler` from --sampler.k=v values; strict: every key must be one of its options
+    (a sweep passes strict=False and gives each sampler the keys it has)."""
+    from dlm_jax.sampling.loop import make_options
+
+    options_cls = family.sampler(sampler).options
+    if not strict:
+        names = {f.name for f in dataclasses.fields(options_cls)}
+        values = {k: v for k, v in values.items() if k in names}
+    return make_options(sampler, options_cls, values)
+
+
+def _sampler_help(argv: list[str]) -> bool:
+    """`dlm-jax sample --sampler=NAME --help`: print the sampler's options (of the workdir's family when given)."""
+    if not argv or argv[0] not in ("sample", "eval") or not {"--help", "-h"} & set(argv):
+        return False
+    name = next((a.split("=", 1)[1] for a in argv if a.startswith("--sampler=")), None)
+    if name is None:
+        return False
+    from dlm_jax import families
+    from dlm_jax.sampling.loop import describe_options
+
+    workdir = next((a.split("=", 1)[1] for a in argv if a.startswith("--workdir=")), None)
+    if workdir is not None:
+        from dlm_jax.experiment import load_workdir_config
+
+        candidates = [load_workdir_config(workdir).model.family]
+    else:
+        candidates = list(families.FAMILIES)
+    found = [(f, families.get(f).samplers[name]) for f in candidates if name in families.get(f).samplers]
+    if not found:
+        raise UserError(f"no sampler {name!r} in family {', '.join(candidates)}")
+    for fam, entry in found:
+        print(f"{name} ({fam}): {entry.doc}")
+        print(describe_options(name, entry.options))
+    return True
+
+
+def cmd_train(args, config, options) -> None:
+    del options
     from dlm_jax.train.loop import train
 
     metrics = train(config, args.workdir)
     print(json.dumps({"workdir": args.workdir, **metrics}))
 
 
-def _sampling_setup(args, config, sampler: str, steps: int):
+def _sampling_setup(args, config, sampler: str | None, steps: int, options: dict[str, str]):
     """(experiment, params, step, spec, template, judge) for `sample` and `eval --gen`; validates everything
     before any compile."""
     from dlm_jax.eval.genppl import Judge
+    from dlm_jax.experiment import restore_for_inference
     from dlm_jax.sampling.loop import SampleSpec
     from dlm_jax.sampling.prompts import build_template
-    from dlm_jax.train.loop import restore_for_inference
 
     num_samples = config.sample.num_samples if args.num_samples is None else args.num_samples
     batch_size = num_samples if args.batch_size is None else args.batch_size
@@ -127,22 +175,25 @@ def _sampling_setup(args, config, sampler: str, steps: int):
     if len(template) > config.data.seq_len:
         raise UserError(f"the model was trained on data.seq_len={config.data.seq_len} tokens; cannot sample "
                         f"{len(template)} (lower --length, or pass --config.data.seq_len={len(template)} to force it)")
-    spec = SampleSpec(sampler=sampler or exp.family.samplers[0], num_samples=num_samples, length=len(template),
-                      steps=steps, temperature=temperature, top_p=args.top_p, block_length=args.block_length,
-                      inner=args.inner, unmask_schedule=args.unmask_schedule)
-    exp.family.check_sample(exp.model, config, spec, template)
+    sampler = sampler or exp.family.default_sampler
+    spec = SampleSpec(sampler=sampler, num_samples=num_samples, length=len(template), steps=steps,
+                      temperature=temperature, top_p=args.top_p,
+                      options=sampler_options(exp.family, sampler, options))
+    exp.family.check_sample(spec, template)
     judge = Judge(args.judge_workdir) if args.judge_workdir else None
     if judge is not None:
         judge.prepare(np.zeros((1, 1), np.int32), exp.tokenizer, args.retokenize)  # tokenizer clash: fail early
     return exp, params, step, spec, template, judge, batch_size
 
 
-def cmd_eval(args, config) -> None:
+def cmd_eval(args, config, options) -> None:
     if args.gen:
-        return _cmd_eval_gen(args, config)
+        return _cmd_eval_gen(args, config, options)
+    if options:
+        raise UserError("--sampler.KEY options go with `dlm-jax sample` or `dlm-jax eval --gen`")
     from dlm_jax.eval.likelihood import Evaluator
+    from dlm_jax.experiment import restore_for_inference
     from dlm_jax.train import sharding
-    from dlm_jax.train.loop import restore_for_inference
 
     exp, params, step = restore_for_inference(args.workdir, config)
     with sharding.mesh_context(exp.mesh):
@@ -151,25 +202,34 @@ def cmd_eval(args, config) -> None:
     print(json.dumps(results))
 
 
-def _cmd_eval_gen(args, config) -> None:
+def _cmd_eval_gen(args, config, options) -> None:
     from dlm_jax.eval.sweep import run_sweep
 
     steps_list = [int(x) for x in args.steps_list.split(",") if x.strip()]
-    exp, params, step, spec, template, judge, batch_size = _sampling_setup(args, config, None, min(steps_list))
+    exp, params, step, spec, template, judge, batch_size = _sampling_setup(args, config, None, min(steps_list), {})
     samplers = args.samplers.split(",") if args.samplers else list(exp.family.samplers)
+    specs = []
     for name in samplers:  # every setting is checked before the first (slow) one runs
+        opts = sampler_options(exp.family, name, options, strict=False)
         for steps in steps_list:
-            exp.family.check_sample(exp.model, config, dataclasses.replace(spec, sampler=name, steps=steps), template)
-    result = run_sweep(exp, params, spec, samplers, steps_list, template, args.seed, batch_size, judge,
-                       args.retokenize, args.output_dir or args.workdir)
+            specs.append(dataclasses.replace(spec, sampler=name, steps=steps, options=opts))
+            exp.family.check_sample(specs[-1], template)
+    used = {f.name for s in specs for f in dataclasses.fields(s.options)}
+    if set(options) - used:
+        raise UserError(f"no sampler of --samplers={','.join(samplers)} has option(s) "
+                        f"{', '.join(sorted(set(options) - used))}")
+    result = run_sweep(exp, params, specs, template, args.seed, batch_size, judge, args.retokenize,
+                       args.output_dir or args.workdir)
     print(json.dumps({"step": step, **result}))
 
 
-def cmd_sample(args, config) -> None:
+def cmd_sample(args, config, options) -> None:
     from dlm_jax.eval.sweep import generation_row
 
     steps = config.sample.steps if args.steps is None else args.steps
-    exp, params, step, spec, template, judge, batch_size = _sampling_setup(args, config, args.sampler, steps)
+    if options and args.sampler is None:
+        raise UserError("--sampler.KEY options need --sampler=NAME")
+    exp, params, step, spec, template, judge, batch_size = _sampling_setup(args, config, args.sampler, steps, options)
     tokens, row = generation_row(exp, params, spec, template, args.seed, batch_size, judge, args.retokenize)
     output = args.output or fileio.join(args.workdir, "samples", f"{spec.sampler}_T{steps}_seed{args.seed}.jsonl")
     lines = []
@@ -193,16 +253,18 @@ def parse_mesh(text: str) -> dict[str, int]:
     return sizes
 
 
-def cmd_compile(args, config) -> None:
+def cmd_compile(args, config, options) -> None:
     """Ahead-of-time check that the train step of `config` lowers and compiles for the mesh, with the memory
     estimate per device; runs on fake CPU devices so sharding mistakes show before a pod is rented."""
     import math
 
     import jax
 
+    from dlm_jax.experiment import build_experiment
     from dlm_jax.train import sharding
-    from dlm_jax.train.loop import build_experiment, make_train_step
+    from dlm_jax.train.loop import make_train_step
 
+    del options
     sizes = parse_mesh(args.mesh)
     if jax.device_count() != math.prod(sizes.values()):
         raise UserError(f"--mesh={args.mesh} needs {math.prod(sizes.values())} devices, this process has "
@@ -214,7 +276,7 @@ def cmd_compile(args, config) -> None:
     batch = {"tokens": jax.ShapeDtypeStruct(shape, jax.numpy.int32, sharding=batch_sharding),
              "loss_mask": jax.ShapeDtypeStruct(shape, jax.numpy.float32, sharding=batch_sharding)}
     with sharding.mesh_context(exp.mesh):
-        compiled = make_train_step(exp, batch_sharding).lower(exp.abstract_state, batch).compile()
+        compiled = make_train_step(exp, batch_sharding).lower(exp.abstract_state, batch, exp.frozen).compile()
     memory = compiled.memory_analysis()
     fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
               "generated_code_size_in_bytes")
@@ -230,7 +292,8 @@ def cmd_compile(args, config) -> None:
                       "per_device_mib": total, **mib}))
 
 
-def cmd_prepare(args, config) -> None:
+def cmd_prepare(args, config, options) -> None:
+    del options
     from dlm_jax.data.prepare import prepare
 
     print(json.dumps(prepare(config.data, args.output_dir, num_shards=args.num_shards)))
@@ -258,16 +321,24 @@ def _fake_devices_for_compile(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     _fake_devices_for_compile(argv)
-    known, overrides = _split_overrides(argv)
+    try:
+        if _sampler_help(argv):
+            return
+        known, overrides, options = _split_overrides(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     args, unknown = _parser().parse_known_args(known)
     try:
+        if options and args.command not in ("sample", "eval"):
+            raise UserError(f"--sampler.KEY options go with `dlm-jax sample`, not `dlm-jax {args.command}`")
         if unknown:
             raise UserError(f"unknown argument(s) {' '.join(unknown)}; see dlm-jax {args.command} --help")
         if hasattr(args, "coordinator_address"):
             from dlm_jax.train.distributed import initialize
 
             initialize(args.coordinator_address, args.num_processes, args.process_id)
-        COMMANDS[args.command](args, _load(args, overrides))
+        COMMANDS[args.command](args, _load(args, overrides), options)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dlm_jax import config as config_lib
+from dlm_jax import families
 from dlm_jax.errors import UserError
 from tests.helpers import SHAKESPEARE
 
@@ -17,7 +18,7 @@ TRAIN_ROWS, VAL_ROWS = (5400 + 1) // SEQ_LEN, (600 + 1) // SEQ_LEN
 
 def data_config(*overrides: str):
     """`config.data` of base_config() with `--config.data.<override>` applied."""
-    return config_lib.apply_overrides(config_lib.base_config(), [f"--config.data.{o}" for o in overrides]).data
+    return config_lib.apply_overrides(families.base_config(), [f"--config.data.{o}" for o in overrides]).data
 
 
 def text_config(path, *overrides: str):

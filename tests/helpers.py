@@ -5,6 +5,7 @@ import os
 import ml_collections
 
 from dlm_jax import config as config_lib
+from dlm_jax import families
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.join(os.path.dirname(ROOT), "shared", "data", "tinyshakespeare.txt")
@@ -29,6 +30,6 @@ def tiny_config(corpus: str, family: str = "mdlm", overrides: tuple[str, ...] = 
         "--config.train.eval_every=0", "--config.train.warmup_steps=2", "--config.eval.batch_size=8",
         "--config.eval.num_batches=2", "--config.mesh.data=-1",
     ]
-    config = config_lib.apply_overrides(config_lib.base_config(), base + list(overrides))
-    config_lib.validate(config)
+    config = config_lib.apply_overrides(families.base_config(), base + list(overrides))
+    families.validate(config)
     return config

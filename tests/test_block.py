@@ -18,7 +18,7 @@ MASK = VOCAB - 1
 
 
 def _model(family, block_size, seed=0, **overrides):
-    c = config_lib.base_config()
+    c = families.base_config()
     c.model.family = family
     c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 2, 32, 4, 64
     c.model.block_size = block_size
@@ -117,10 +117,10 @@ def test_fast_dllm_caches_fill_blocks_and_reduce_to_the_exact_sampler_with_one_b
 
 
 def test_block_config_errors():
-    c = config_lib.apply_overrides(config_lib.base_config(), ["--config.model.family=block",
+    c = config_lib.apply_overrides(families.base_config(), ["--config.model.family=block",
                                                                "--config.model.block_size=5"])
     with pytest.raises(UserError, match="data.seq_len=128 is not divisible by model.block_size=5"):
-        config_lib.validate(c)
+        families.validate(c)
     config, fam, model, _ = _model("block", block_size=4)
     with pytest.raises(UserError, match="not divisible by the block size 4"):
         fam.check_sample(model, config, SampleSpec("block", 1, 10, steps=8), np.full(10, -1))

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from dlm_jax import config as config_lib
+from dlm_jax import families
 from dlm_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,17 +17,17 @@ REQUIRED_KEYS = ["seed", "data.source", "data.path", "data.seq_len", "data.token
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))), ids=os.path.basename)
 def test_every_config_loads_validates_and_has_the_common_keys(path):
-    config = config_lib.load_config_file(path)
+    config = families.load_config_file(path)
     if config.data.source in ("text_files", "array_record") and not config.data.path:
         config = config_lib.apply_overrides(config, ["--config.data.path=some/file.txt"])
-    config_lib.validate(config)
+    families.validate(config)
     for key in REQUIRED_KEYS:
         config_lib.get_value(config, key)
 
 
 def test_required_recipes_exist_with_their_settings():
     def load(name):
-        return config_lib.load_config_file(os.path.join(ROOT, "configs", name))
+        return families.load_config_file(os.path.join(ROOT, "configs", name))
 
     assert load("quickstart.py").data.source == "python_stdlib"
     owt, ar = load("mdlm_owt.py"), load("ar_owt.py")
@@ -42,7 +43,7 @@ def test_required_recipes_exist_with_their_settings():
 
 
 def test_overrides_are_parsed_with_the_key_type():
-    c = config_lib.apply_overrides(config_lib.base_config(), [
+    c = config_lib.apply_overrides(families.base_config(), [
         "--config.train.num_steps=7", "--config.train.learning_rate=1e-4", "--config.model.family=ar",
         "--config.model.time_conditioning=true", "--config.train.ema_decay=0",
     ])
@@ -61,7 +62,7 @@ def test_overrides_are_parsed_with_the_key_type():
 )
 def test_bad_overrides_are_one_line_errors(override, message):
     with pytest.raises(UserError, match=message) as info:
-        config_lib.apply_overrides(config_lib.base_config(), [override])
+        config_lib.apply_overrides(families.base_config(), [override])
     assert "\n" not in str(info.value)
 
 
@@ -76,22 +77,22 @@ def test_bad_overrides_are_one_line_errors(override, message):
     ],
 )
 def test_inconsistent_values_are_rejected(override, message):
-    c = config_lib.apply_overrides(config_lib.base_config(), [override])
+    c = config_lib.apply_overrides(families.base_config(), [override])
     with pytest.raises(UserError, match=message):
-        config_lib.validate(c)
+        families.validate(c)
 
 
 def test_config_file_with_unknown_key_is_rejected(tmp_path):
     path = tmp_path / "bad.py"
-    path.write_text("from dlm_jax.config import base_config\n\ndef get_config():\n"
+    path.write_text("from dlm_jax.families import base_config\n\ndef get_config():\n"
                     "    c = base_config()\n    c.train.lr = 1.0\n    return c\n")
     with pytest.raises(UserError, match="unknown config key 'train.lr'"):
-        config_lib.load_config_file(str(path))
+        families.load_config_file(str(path))
     with pytest.raises(UserError, match="not found"):
-        config_lib.load_config_file(str(tmp_path / "missing.py"))
+        families.load_config_file(str(tmp_path / "missing.py"))
 
 
 def test_json_roundtrip():
-    c = config_lib.apply_overrides(config_lib.base_config(), ["--config.model.d_model=96"])
-    again = config_lib.from_json(config_lib.to_json(c), where="test")
+    c = config_lib.apply_overrides(families.base_config(), ["--config.model.d_model=96"])
+    again = families.config_from_json(config_lib.to_json(c), where="test")
     assert again.to_dict() == c.to_dict()

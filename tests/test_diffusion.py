@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dlm_jax.config import base_config
 from dlm_jax.diffusion import autoregressive, masked
 from dlm_jax.diffusion.schedules import MaskSchedule, sample_times
+from dlm_jax.families import base_config
 
 V, MASK = 5, 5  # 5 real tokens, [MASK] = id 5
 

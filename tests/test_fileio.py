@@ -16,10 +16,10 @@ from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from dlm_jax import config as config_lib
-from dlm_jax import fileio
+from dlm_jax import experiment, fileio
 from dlm_jax.data import pipeline, prepare, sources, tokenizers
 from dlm_jax.errors import UserError
-from dlm_jax.train import checkpoint, loop, metrics
+from dlm_jax.train import checkpoint, metrics
 from tests.data_helpers import train_hf_tokenizer, train_sentencepiece
 from tests.helpers import small_corpus, tiny_config
 
@@ -76,7 +76,7 @@ def test_unreachable_bucket_is_a_one_line_error(bucket, monkeypatch):
 
     monkeypatch.setattr(_LocalBucket, "exists", no_network)
     with pytest.raises(UserError, match=r"cannot reach gs://bkt \(ConnectionError: Cannot connect") as excinfo:
-        loop.load_workdir_config("gs://bkt/runs/one")
+        experiment.load_workdir_config("gs://bkt/runs/one")
     assert "\n" not in str(excinfo.value) and "credentials" in str(excinfo.value)
     monkeypatch.undo()
     fileio.as_path("gs://bkt/runs/one")  # reachable again: no error, and the success is remembered
@@ -124,16 +124,16 @@ def test_workdir_files_on_gs(bucket, tmp_path, monkeypatch):
     rename all work on a gs:// workdir; TensorBoard is stubbed (tensorboardX writes gs:// itself)."""
     workdir = "gs://bkt/runs/one"
     config = tiny_config(small_corpus(tmp_path))
-    fileio.write_text(loop.saved_config_path(workdir), config_lib.to_json(config))
-    assert loop.load_workdir_config(workdir).model.d_model == 32
+    fileio.write_text(experiment.saved_config_path(workdir), config_lib.to_json(config))
+    assert experiment.load_workdir_config(workdir).model.d_model == 32
     with pytest.raises(UserError, match="no config.json"):
-        loop.load_workdir_config("gs://bkt/runs/none")
+        experiment.load_workdir_config("gs://bkt/runs/none")
 
     (bucket / "bkt" / "runs" / "one" / "checkpoints" / "4").mkdir(parents=True)
-    loop.check_workdir_matches(config, workdir)  # same shape: fine
+    experiment.check_workdir_matches(config, workdir)  # same shape: fine
     wider = tiny_config(small_corpus(tmp_path), overrides=("--config.model.d_model=64",))
     with pytest.raises(UserError, match="d_model"):
-        loop.check_workdir_matches(wider, workdir)
+        experiment.check_workdir_matches(wider, workdir)
 
     logged = []
     monkeypatch.setattr("tensorboardX.SummaryWriter", lambda logdir: logged.append(logdir) or _NullBoard())

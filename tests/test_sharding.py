@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from dlm_jax import families
-from dlm_jax.config import base_config
 from dlm_jax.errors import UserError
+from dlm_jax.families import base_config
 from dlm_jax.train import optim, sharding
 from dlm_jax.train.state import abstract_state_and_shardings, create_train_state
 

@@ -10,6 +10,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from dlm_jax.diffusion.common import token_nll
+
 Array = jax.Array
 
 
@@ -20,6 +22,5 @@ def shift_right(x: Array, bos_id: int) -> Array:
 
 def nll_terms(logits_fn: Callable[[Array], Array], x: Array, loss_mask: Array, bos_id: int) -> dict[str, Array]:
     """Summed next-token negative log-likelihood (nats) and the number of tokens it covers."""
-    log_probs = jax.nn.log_softmax(logits_fn(shift_right(x, bos_id)), axis=-1)
-    nll = -jnp.take_along_axis(log_probs, x[..., None], axis=-1)[..., 0]  # [B, L]
+    nll = token_nll(logits_fn(shift_right(x, bos_id)), x)  # [B, L]
     return {"nll_sum": (nll * loss_mask).sum(), "num_tokens": loss_mask.sum()}

@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dlm_jax.diffusion.common import token_nll
 from dlm_jax.diffusion.masked import forward_mask, subs_logits
-from dlm_jax.diffusion.schedules import MaskSchedule
+from dlm_jax.diffusion.schedules import MaskSchedule, uniform_draws
 
 Array = jax.Array
 # (tokens [B, 2L], positions [2L]) -> logits [B, 2L, V+1] under the bd3_train mask
@@ -31,11 +32,7 @@ CLIP_CANDIDATES = ((1e-3, 1.0), (0.1, 0.9), (0.2, 0.8), (0.3, 0.8), (0.45, 0.95)
 def block_mask_rates(rng: Array, batch: int, num_blocks: int, beta: float, omega: float,
                      antithetic: bool = True) -> Array:
     """Mask rates [B, num_blocks] in [beta, omega]; antithetic: u_k = (u + k / (B nb)) mod 1 over all B x nb."""
-    n = batch * num_blocks
-    if antithetic:
-        u = jnp.mod(jax.random.uniform(rng, ()) + jnp.arange(n, dtype=jnp.float32) / n, 1.0)
-    else:
-        u = jax.random.uniform(rng, (n,))
+    u = uniform_draws(rng, batch * num_blocks, antithetic)
     return (beta + (omega - beta) * u).reshape(batch, num_blocks)
 
 
@@ -49,8 +46,7 @@ def nelbo_terms_at(logits_fn: LogitsFn, x0: Array, loss_mask: Array, mask_rate: 
     z_t, is_masked = forward_mask(rng, x0, schedule.alpha(t_tok), mask_id)
     positions = jnp.concatenate([jnp.arange(length), jnp.arange(length)])
     logits = logits_fn(jnp.concatenate([z_t, x0], axis=1), positions)[:, :length]  # the x_t half
-    log_probs = jax.nn.log_softmax(subs_logits(logits, mask_id), axis=-1)
-    nll = -jnp.take_along_axis(log_probs, x0[..., None], axis=-1)[..., 0]  # [B, L]
+    nll = token_nll(subs_logits(logits, mask_id), x0)  # [B, L]
     weight = jnp.repeat(schedule.continuous_weight(t), block_size, axis=1)
     per_token = jnp.where(is_masked, nll, 0.0) * weight * loss_mask
     return {"nll_sum": per_token.sum(), "num_tokens": loss_mask.sum(), "mask_rate": is_masked.mean(),

@@ -13,14 +13,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from dlm_jax.diffusion.common import token_nll
 from dlm_jax.diffusion.schedules import MaskSchedule, sample_times
 
 Array = jax.Array
 LogitsFn = Callable[[Array, Array], Array]  # (z_t [B, L], t [B]) -> logits [B, L, V+1]
 
 
-def schedule_from_config(model: ml_collections.ConfigDict) -> MaskSchedule:
-    return MaskSchedule(kind=model.schedule, power=model.schedule_power)
+def schedule_from_config(section: ml_collections.ConfigDict) -> MaskSchedule:
+    """The schedule of a family's config section (`schedule`, `schedule_power`)."""
+    return MaskSchedule(kind=section.schedule, power=section.schedule_power)
 
 
 def subs_logits(logits: Array, mask_id: int) -> Array:
@@ -46,8 +48,7 @@ def nelbo_terms_at(
     Sums run over the whole batch so callers can pool them across batches and devices.
     """
     z_t, is_masked = forward_mask(rng, x0, schedule.alpha(t), mask_id)
-    log_probs = jax.nn.log_softmax(subs_logits(logits_fn(z_t, t), mask_id), axis=-1)
-    nll = -jnp.take_along_axis(log_probs, x0[..., None], axis=-1)[..., 0]  # [B, L]
+    nll = token_nll(subs_logits(logits_fn(z_t, t), mask_id), x0)  # [B, L]
     if num_timesteps > 0:
         weight = schedule.discrete_weight(t, num_timesteps)
     else:
@@ -57,11 +58,12 @@ def nelbo_terms_at(
 
 
 def nelbo_terms(
-    logits_fn: LogitsFn, x0: Array, loss_mask: Array, rng: Array, model: ml_collections.ConfigDict, mask_id: int
+    logits_fn: LogitsFn, x0: Array, loss_mask: Array, rng: Array, section: ml_collections.ConfigDict, mask_id: int
 ) -> dict[str, Array]:
-    """One Monte-Carlo draw of the NELBO with (antithetic) t ~ U[eps, 1] (or the T-step grid)."""
+    """One Monte-Carlo draw of the NELBO with (antithetic) t ~ U[eps, 1] (or the T-step grid); `section` is the
+    family's config section (schedule, schedule_power, t_eps, antithetic, num_timesteps)."""
     rng_t, rng_mask = jax.random.split(rng)
-    t = sample_times(rng_t, x0.shape[0], model.t_eps, model.antithetic, model.num_timesteps)  # [B]
+    t = sample_times(rng_t, x0.shape[0], section.t_eps, section.antithetic, section.num_timesteps)  # [B]
     return nelbo_terms_at(
-        logits_fn, x0, loss_mask, t, rng_mask, schedule_from_config(model), model.num_timesteps, mask_id
+        logits_fn, x0, loss_mask, t, rng_mask, schedule_from_config(section), section.num_timesteps, mask_id
     )

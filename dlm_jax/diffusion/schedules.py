@@ -60,16 +60,19 @@ class MaskSchedule:
         return num_timesteps * (self.alpha(s) - self.alpha(t)) / (1.0 - self.alpha(t))
 
 
+def uniform_draws(rng: Array, n: int, antithetic: bool = True) -> Array:
+    """n draws in [0, 1). Antithetic: u_i = (u + i/n) mod 1 with one shared uniform u (low variance); else iid."""
+    if antithetic:
+        return jnp.mod(jax.random.uniform(rng, ()) + jnp.arange(n, dtype=jnp.float32) / n, 1.0)
+    return jax.random.uniform(rng, (n,))
+
+
 def sample_times(rng: Array, n: int, eps: float, antithetic: bool = True, num_timesteps: int = 0) -> Array:
-    """n diffusion times in [eps, 1]. Antithetic: t_i = (u + i/n) mod 1, one uniform shared (low variance).
+    """n diffusion times in [eps, 1] from `uniform_draws`.
 
     With num_timesteps = T > 0 the times are snapped to the grid {1/T, ..., 1} (discrete-time NELBO).
     """
-    if antithetic:
-        u = jax.random.uniform(rng, ())
-        t = jnp.mod(u + jnp.arange(n, dtype=jnp.float32) / n, 1.0)
-    else:
-        t = jax.random.uniform(rng, (n,))
+    t = uniform_draws(rng, n, antithetic)
     if num_timesteps > 0:
         return (jnp.floor(t * num_timesteps) + 1.0) / num_timesteps
     return eps + (1.0 - eps) * t

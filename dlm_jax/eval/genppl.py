@@ -14,6 +14,7 @@ import numpy as np
 
 from dlm_jax.data.tokenizers import Tokenizer
 from dlm_jax.errors import UserError
+from dlm_jax.experiment import load_workdir_config, restore_for_inference
 from dlm_jax.train import sharding
 
 
@@ -31,8 +32,6 @@ class Judge:
     """An AR checkpoint (`dlm-jax train` with model.family=ar) that scores token sequences."""
 
     def __init__(self, workdir: str):
-        from dlm_jax.train.loop import load_workdir_config, restore_for_inference
-
         config = load_workdir_config(workdir)
         if config.model.family != "ar":
             raise UserError(f"the judge in {workdir!r} is a {config.model.family!r} model; Gen PPL needs an AR "
@@ -40,11 +39,10 @@ class Judge:
         self.workdir = workdir
         self.exp, self.params, self.step = restore_for_inference(workdir, config)
         self.tokenizer: Tokenizer = self.exp.tokenizer
-        exp = self.exp
+        family = self.exp.family
 
         def nll(params, tokens, loss_mask):
-            terms = exp.family.loss_terms(exp.model, params, {"tokens": tokens, "loss_mask": loss_mask},
-                                          jax.random.PRNGKey(0), exp.config, train=False)
+            terms = family.likelihood_terms(params, {"tokens": tokens, "loss_mask": loss_mask}, jax.random.PRNGKey(0))
             return terms["nll_sum"], terms["num_tokens"]
 
         self._nll = jax.jit(nll)

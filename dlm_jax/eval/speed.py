@@ -21,17 +21,17 @@ def timed_sample(exp: Any, params: Any, spec: SampleSpec, template: np.ndarray, 
     """
     batch = min(batch_size, spec.num_samples)
     batch_spec = dataclasses.replace(spec, num_samples=batch)
-    exp.family.check_sample(exp.model, exp.config, batch_spec, template)
+    exp.family.check_sample(batch_spec, template)
     num_batches = -(-spec.num_samples // batch)
     base = jax.random.PRNGKey(seed)
     with sharding.mesh_context(exp.mesh):
-        sample = jax.jit(lambda p, rng: exp.family.sample(exp.model, p, rng, exp.config, batch_spec, template))
-        compiled = sample.lower(params, base).compile()
+        sample = jax.jit(lambda p, frozen, rng: exp.family.bind(frozen).sample(p, rng, batch_spec, template))
+        compiled = sample.lower(params, exp.frozen, base).compile()
         outputs, nfes, seconds = [], [], 0.0
         for b in range(num_batches):
             rng = jax.random.fold_in(base, b)
             start = time.perf_counter()
-            tokens, stats = jax.block_until_ready(compiled(params, rng))
+            tokens, stats = jax.block_until_ready(compiled(params, exp.frozen, rng))
             seconds += time.perf_counter() - start
             outputs.append(np.asarray(jax.device_get(tokens)))
             nfes.append(int(stats["nfe"]))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 from typing import Any
@@ -31,17 +30,14 @@ def generation_row(exp: Any, params: Any, spec: SampleSpec, template: np.ndarray
     return tokens, row
 
 
-def run_sweep(exp: Any, params: Any, base: SampleSpec, samplers: list[str], steps_list: list[int],
-              template: np.ndarray, seed: int, batch_size: int, judge: Judge | None, retokenize: bool,
-              output_dir: str) -> dict[str, Any]:
-    """Every sampler at every step count; writes gen_sweep.{json,csv,png} to output_dir."""
+def run_sweep(exp: Any, params: Any, specs: list[SampleSpec], template: np.ndarray, seed: int, batch_size: int,
+              judge: Judge | None, retokenize: bool, output_dir: str) -> dict[str, Any]:
+    """Every setting (sampler x steps); writes gen_sweep.{json,csv,png} to output_dir."""
     rows = []
-    for sampler in samplers:
-        for steps in steps_list:
-            spec = dataclasses.replace(base, sampler=sampler, steps=steps)
-            _, row = generation_row(exp, params, spec, template, seed, batch_size, judge, retokenize)
-            print(json.dumps(row))
-            rows.append(row)
+    for spec in specs:
+        _, row = generation_row(exp, params, spec, template, seed, batch_size, judge, retokenize)
+        print(json.dumps(row))
+        rows.append(row)
     paths = {ext: fileio.join(output_dir, f"gen_sweep.{ext}") for ext in ("json", "csv", "png")}
     fileio.write_text(paths["json"], json.dumps(rows, indent=2))
     table = io.StringIO()

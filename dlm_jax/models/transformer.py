@@ -45,9 +45,12 @@ class TransformerConfig:
     attention_impl: str = "auto"
 
     @classmethod
-    def from_config(cls, model: ml_collections.ConfigDict, vocab_size: int, mask_mode: str) -> TransformerConfig:
-        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("vocab_size", "mask_mode")]
-        return cls(vocab_size=vocab_size, mask_mode=mask_mode, **{n: model[n] for n in names})
+    def from_config(cls, model: ml_collections.ConfigDict, vocab_size: int, mask_mode: str,
+                    block_size: int = 1) -> TransformerConfig:
+        """The backbone of the `model` config section for a family's vocabulary, mask and block size."""
+        given = ("vocab_size", "mask_mode", "block_size")
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in given]
+        return cls(vocab_size=vocab_size, mask_mode=mask_mode, block_size=block_size, **{n: model[n] for n in names})
 
     @property
     def head_dim(self) -> int:

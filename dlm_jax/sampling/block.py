@@ -1,6 +1,6 @@
 """Block-by-block sampling with KV caches: exact for block diffusion, approximate (Fast-dLLM) for full MDLM.
 
-  block          BD3-LM: blocks left to right; inside a block any MDLM rule (`spec.inner`) with the block
+  block          BD3-LM: blocks left to right; inside a block any MDLM rule (the `inner` option) with the block
                  attending to the KV cache of the finished blocks; when a block is done one forward writes its
                  K/V (exact: the block-causal model never lets a clean block see later ones)
   block_nocache  the same draws, each step a full forward with the block-causal mask (tokens identical)
@@ -14,16 +14,26 @@ shapes per block, so their blocks are unrolled at trace time (one compiled progr
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from dlm_jax.sampling.loop import SamplerState, SampleSpec, init_state
-from dlm_jax.sampling.masked import MaskedSampling, initial_cache, reverse_steps
+from dlm_jax.sampling.loop import SamplerState, SampleSpec, init_state, option
+from dlm_jax.sampling.masked import RUNNERS, MaskedSampling, initial_cache, inner_rule, reverse_steps
 
 Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockOptions:
+    inner: str = option("ancestral", "the masked rule run inside each block", RUNNERS)
+    unmask_schedule: str = option("linear", "topk_confidence inside: how many tokens stay masked per step",
+                                  ("linear", "cosine"))
+
+
 # decode_fn(tokens [N, Lq], t [N], cache, index) -> (logits [N, Lq, V], cache with the queries' K/V at index)
 DecodeFn = Callable[[Array, Array, Any, Array], tuple[Array, Any]]
 FullFn = Callable[[Array, Array], Array]  # (tokens [N, L], t [N]) -> logits [N, L, V] (block-causal or full)
@@ -32,9 +42,10 @@ FullFn = Callable[[Array, Array], Array]  # (tokens [N, L], t [N]) -> logits [N,
 def _run_block(ms: MaskedSampling, state: SamplerState, blk: Array, logits_fn: Callable, steps: int) -> SamplerState:
     """Denoises one block [N, Lb] with the inner rule, then fills what is left by argmax."""
     n, lb = blk.shape
-    inner = init_state(blk, state.rng, initial_cache(ms.spec.inner, n, lb, ms.mask_id + 1))
+    rule = inner_rule(ms.spec)
+    inner = init_state(blk, state.rng, initial_cache(rule, n, lb, ms.mask_id + 1))
     inner = inner.replace(step=state.step, nfe=state.nfe)
-    inner = getattr(ms, ms.spec.inner)(logits_fn, inner, jnp.ones((n, lb), bool), reverse_steps(ms.spec.inner, steps))
+    inner = getattr(ms, rule)(logits_fn, inner, jnp.ones((n, lb), bool), reverse_steps(rule, steps))
     return ms.final_argmax(logits_fn, inner)
 
 
@@ -99,9 +110,10 @@ def approx_cache_sample(decode_fn: DecodeFn, init_cache: Callable[[int], Any], r
             window_end = length
         window = state.tokens[:, start:window_end]
         active = jnp.broadcast_to(jnp.arange(window_end - start) < block_size, window.shape)
-        inner = init_state(window, state.rng, initial_cache(ms.spec.inner, n, window.shape[1], ms.mask_id + 1))
+        rule = inner_rule(ms.spec)
+        inner = init_state(window, state.rng, initial_cache(rule, n, window.shape[1], ms.mask_id + 1))
         inner = inner.replace(step=state.step, nfe=state.nfe)
-        inner = getattr(ms, ms.spec.inner)(logits_fn, inner, active, reverse_steps(ms.spec.inner, steps))
+        inner = getattr(ms, rule)(logits_fn, inner, active, reverse_steps(rule, steps))
         inner = ms.final_argmax(logits_fn, inner, active)
         done = jnp.where(active, inner.tokens, window)
         state = state.replace(tokens=state.tokens.at[:, start:window_end].set(done), rng=inner.rng, step=inner.step,

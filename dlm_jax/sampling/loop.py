@@ -1,5 +1,6 @@
 """The skeleton every sampler shares: a `SamplerState` carried through one jitted `lax.scan` / `lax.while_loop`,
-the static `SampleSpec` of a sampling call, and the categorical draw (temperature, nucleus, Gumbel-max)."""
+the static `SampleSpec` of a sampling call with the sampler's typed options, the latent-sampler skeleton
+(prior -> steps -> decode) and the categorical draw (temperature, nucleus, Gumbel-max)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+
+from dlm_jax.config import cast, parse_literal
+from dlm_jax.errors import UserError
 
 Array = jax.Array
 
@@ -24,9 +28,51 @@ class SampleSpec:
     steps: int = 128  # diffusion steps T (AR: ignored, one token per forward)
     temperature: float = 1.0  # 0: argmax
     top_p: float = 1.0  # nucleus mass; 1: no truncation
-    block_length: int = 0  # semi_ar: tokens per block (0: 16 or the whole length if shorter)
-    inner: str = "ancestral"  # semi_ar: the sampler used inside each block
-    unmask_schedule: str = "linear"  # topk_confidence: linear | cosine count of tokens left masked
+    options: Any = None  # the sampler's typed options (a frozen dataclass from the family's sampler table)
+
+    def option(self, name: str, default: Any = None) -> Any:
+        """One of the sampler's options, or `default` when this sampler has no such option."""
+        return getattr(self.options, name, default)
+
+
+def option(default: Any, doc: str, choices: tuple[Any, ...] | None = None) -> Any:
+    """A field of a sampler-options dataclass: its default, one line of doc, and optionally the allowed values."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "choices": choices})
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """A sampler without options of its own."""
+
+
+def describe_options(sampler: str, options_cls: type) -> str:
+    """Lines `--sampler.key=default  doc` for every option of a sampler (what `sample --sampler=NAME --help` shows)."""
+    fields = dataclasses.fields(options_cls)
+    if not fields:
+        return f"{sampler}: no options of its own"
+    lines = [f"{sampler} options (--sampler.KEY=VALUE):"]
+    for f in fields:
+        choices = f" (one of {', '.join(map(str, f.metadata['choices']))})" if f.metadata.get("choices") else ""
+        lines.append(f"  --sampler.{f.name}={f.default!s:<12} {f.metadata.get('doc', '')}{choices}")
+    return "\n".join(lines)
+
+
+def make_options(sampler: str, options_cls: type, values: dict[str, str]) -> Any:
+    """The options of `sampler` from command-line strings {key: value}; unknown keys, values of the wrong type and
+    values outside the allowed choices are one-line UserErrors listing the sampler's options."""
+    fields = {f.name: f for f in dataclasses.fields(options_cls)}
+    known = ", ".join(f"{n}={f.default}" for n, f in fields.items()) or "none"
+    kwargs = {}
+    for key, raw in values.items():
+        if key not in fields:
+            raise UserError(f"sampler {sampler!r} has no option {key!r}; its options: {known}")
+        f = fields[key]
+        value = cast(f"sampler.{key}", parse_literal(raw) if isinstance(raw, str) else raw, f.default)
+        if f.metadata.get("choices") and value not in f.metadata["choices"]:
+            raise UserError(f"--sampler.{key}={value!r} for {sampler}: choose one of "
+                            f"{', '.join(map(str, f.metadata['choices']))}")
+        kwargs[key] = value
+    return options_cls(**kwargs)
 
 
 @flax.struct.dataclass
@@ -53,6 +99,26 @@ def run_while(step_fn: Callable[[SamplerState], SamplerState], state: SamplerSta
               keep_going: Callable[[SamplerState], Array]) -> SamplerState:
     """Applies `step_fn` while `keep_going(state)` (a scalar bool) inside one `lax.while_loop` (early exit)."""
     return jax.lax.while_loop(keep_going, step_fn, state)
+
+
+def sample_latent(prior: Callable[[Array], Any], step: Callable[[Any, Array, Array], Any],
+                  decode: Callable[[Any], Array], rng: Array, template: Array, num_samples: int,
+                  steps: int) -> tuple[Array, dict[str, Array]]:
+    """The latent-sampler skeleton (Gaussian / latent diffusion): latent = prior(rng), then `steps` times
+    latent = step(latent, i, rng_i) inside one `lax.scan`, then tokens = decode(latent) [N, L]; the template's
+    known tokens (>= 0) are kept. `SamplerState.cache` carries the latent; NFE counts the steps plus the decode."""
+    rng, rng_prior = jax.random.split(rng)
+    template = jnp.asarray(template, jnp.int32)
+    tokens = jnp.broadcast_to(template, (num_samples, template.shape[0]))
+    state = init_state(tokens, rng, prior(rng_prior))
+
+    def body(st: SamplerState, i: Array) -> SamplerState:
+        rng, rng_step = jax.random.split(st.rng)
+        return st.replace(rng=rng, cache=step(st.cache, i, rng_step), step=st.step + 1, nfe=st.nfe + 1)
+
+    state = run_scan(body, state, steps)
+    tokens = jnp.where(tokens >= 0, tokens, decode(state.cache))
+    return tokens, {"nfe": state.nfe + 1}
 
 
 def argmax_last(x: Array) -> Array:

@@ -11,12 +11,16 @@ context) elsewhere. Only [MASK] positions ever change (SUBS carry-over), so know
   topk_confidence MaskGIT / LLaDA: commit the k most confident predictions per step, k from a linear or
                   cosine schedule of how many tokens stay masked
   semi_ar         blocks left to right; any of the above inside each block (Arriola et al. 2025 / LLaDA)
+Every rule is a proposal (x0 candidates: by default x0 ~ p_theta(x0 | z_t)) followed by a commit rule (which
+[MASK]s take their candidate: `ancestral_commit`, `topk_commit`, `first_hitting_commit`), so a new proposal
+(importance sampling, a joint token + latent step) or a new commit rule plugs in without copying the samplers.
 With T steps the NFE budget is T: T - 1 reverse steps, then one argmax pass for what is still masked (semi_ar:
 T // blocks per block, each block completed before the next).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +36,7 @@ from dlm_jax.sampling.loop import (
     SampleSpec,
     argmax_last,
     init_state,
+    option,
     run_scan,
     run_while,
     sample_categorical,
@@ -41,15 +46,68 @@ Array = jax.Array
 LogitsFn = Callable[[Array, Array], Array]  # (z [N, L], t [N]) -> logits [N, L, V+1]
 # A runner advances the state over the `active` positions [N, L] in `steps` steps.
 Runner = Callable[[LogitsFn, SamplerState, Array, int], SamplerState]
+RUNNERS = ("ancestral", "cached", "first_hitting", "topk_confidence")
+
+
+@dataclasses.dataclass(frozen=True)
+class TopkOptions:
+    unmask_schedule: str = option("linear", "how many tokens stay masked after each step", ("linear", "cosine"))
+
+
+@dataclasses.dataclass(frozen=True)
+class SemiAROptions:
+    block_length: int = option(0, "tokens per block (0: 16, or the whole length if shorter)")
+    inner: str = option("ancestral", "the rule run inside each block", RUNNERS)
+    unmask_schedule: str = option("linear", "topk_confidence inside: how many tokens stay masked per step",
+                                  ("linear", "cosine"))
+
+
+# -- the two halves of a masked step -------------------------------------------------------------
+# A proposal gives x0 candidates for every position; a commit rule picks which masked positions take theirs.
+# ProposalFn(rng, logits [N, L, V], tokens [N, L], t) -> x0 [N, L]: the denoiser's draw by default; EDLM swaps in
+# importance sampling, a joint token + latent step its own. Commit rules are plain functions of the masks.
+ProposalFn = Callable[[Array, Array, Array, Array], Array]
+
+
+def ancestral_commit(rng: Array, todo: Array, schedule: MaskSchedule, t: Array, s: Array) -> Array:
+    """MDLM's reverse step t -> s: each position of `todo` [N, L] commits w.p. (alpha_s - alpha_t) / (1 - alpha_t)."""
+    alpha_t, alpha_s = schedule.alpha(t), schedule.alpha(s)
+    return todo & (jax.random.uniform(rng, todo.shape) < (alpha_s - alpha_t) / (1.0 - alpha_t))
+
+
+def topk_commit(confidence: Array, todo: Array, k: Array) -> Array:
+    """MaskGIT / LLaDA: the k [N] most confident positions of `todo` (confidence [N, L]) commit."""
+    confidence = jnp.where(todo, confidence, -jnp.inf)
+    rank = jnp.argsort(jnp.argsort(-confidence, axis=-1), axis=-1)
+    return todo & (rank < k[:, None])
+
+
+def first_hitting_commit(rng: Array, todo: Array) -> Array:
+    """Exactly one uniformly chosen position of `todo` [N, L] per row commits (none when the row has none)."""
+    noise = jnp.where(todo, jax.random.gumbel(rng, todo.shape), -jnp.inf)
+    return jax.nn.one_hot(argmax_last(noise), todo.shape[1], dtype=bool) & todo
+
+
+def draw_confidence(logits: Array, x0: Array) -> Array:
+    """softmax(logits)[x0]: the probability of each drawn token (the confidence topk_confidence ranks by)."""
+    return jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), x0[..., None], axis=-1)[..., 0]
 
 
 class MaskedSampling:
-    """The settings every masked sampler shares: [MASK] id, schedule, t_eps, and the static `SampleSpec`."""
+    """The settings every masked sampler shares: [MASK] id, schedule, t_eps, the static `SampleSpec`, and the
+    proposal (default: x0 ~ p_theta(x0 | z_t) with the spec's temperature and nucleus)."""
 
-    def __init__(self, spec: SampleSpec, mask_id: int, schedule: MaskSchedule, t_eps: float):
+    def __init__(self, spec: SampleSpec, mask_id: int, schedule: MaskSchedule, t_eps: float,
+                 proposal: ProposalFn | None = None):
         self.spec, self.mask_id, self.schedule, self.t_eps = spec, mask_id, schedule, t_eps
+        self.unmask_schedule = spec.option("unmask_schedule", "linear")
+        self.propose = proposal or self.denoiser_proposal
 
     # -- shared pieces -------------------------------------------------------------------------
+    def denoiser_proposal(self, rng: Array, logits: Array, tokens: Array, t: Array) -> Array:
+        del tokens, t
+        return sample_categorical(rng, logits, self.spec.temperature, self.spec.top_p)
+
     def predict(self, logits_fn: LogitsFn, tokens: Array, t: Array) -> Array:
         """SUBS logits of x_0 given z_t; t is a scalar or per-sample [N]."""
         return subs_logits(logits_fn(tokens, jnp.broadcast_to(t, (tokens.shape[0],))), self.mask_id)
@@ -59,15 +117,15 @@ class MaskedSampling:
         dt = (1.0 - self.t_eps) / steps
         return 1.0 - i * dt, 1.0 - (i + 1) * dt
 
+    def todo(self, tokens: Array, active: Array) -> Array:
+        return (tokens == self.mask_id) & active
+
     def ancestral_update(self, state: SamplerState, logits: Array, t: Array, s: Array, active: Array) -> SamplerState:
-        """Unmasks each active [MASK] with prob (alpha_s - alpha_t)/(1 - alpha_t), its token drawn from logits."""
+        """Proposal x0, then `ancestral_commit` over the active [MASK]s."""
         rng, rng_x0, rng_unmask = jax.random.split(state.rng, 3)
-        x0 = sample_categorical(rng_x0, logits, self.spec.temperature, self.spec.top_p)
-        alpha_t, alpha_s = self.schedule.alpha(t), self.schedule.alpha(s)
-        p_unmask = (alpha_s - alpha_t) / (1.0 - alpha_t)
-        unmask = (state.tokens == self.mask_id) & active
-        unmask &= jax.random.uniform(rng_unmask, state.tokens.shape) < p_unmask
-        return state.replace(tokens=jnp.where(unmask, x0, state.tokens), rng=rng, step=state.step + 1)
+        x0 = self.propose(rng_x0, logits, state.tokens, t)
+        commit = ancestral_commit(rng_unmask, self.todo(state.tokens, active), self.schedule, t, s)
+        return state.replace(tokens=jnp.where(commit, x0, state.tokens), rng=rng, step=state.step + 1)
 
     # -- runners -------------------------------------------------------------------------------
     def ancestral(self, logits_fn: LogitsFn, state: SamplerState, active: Array, steps: int) -> SamplerState:
@@ -101,50 +159,43 @@ class MaskedSampling:
         `steps` is not used: the loop runs until no active [MASK] is left. state.cache = per-sample t [N].
         """
         del steps
-        n_samples, length = state.tokens.shape
-
-        def eligible(st: SamplerState) -> Array:
-            return (st.tokens == self.mask_id) & active
+        n_samples = state.tokens.shape[0]
 
         def step(st: SamplerState) -> SamplerState:
             rng, rng_u, rng_pos, rng_x0 = jax.random.split(st.rng, 4)
-            todo = eligible(st)
+            todo = self.todo(st.tokens, active)
             n = todo.sum(-1)  # [N]
             t = st.cache
             u = jax.random.uniform(rng_u, (n_samples,), minval=1e-12)
             mask_rate = (1.0 - self.schedule.alpha(t)) * u ** (1.0 / jnp.maximum(n, 1))
             s = self.schedule.time_at_mask_rate(mask_rate)
-            x0 = sample_categorical(rng_x0, self.predict(logits_fn, st.tokens, s), self.spec.temperature,
-                                    self.spec.top_p)
-            noise = jnp.where(todo, jax.random.gumbel(rng_pos, (n_samples, length)), -jnp.inf)
-            chosen = jax.nn.one_hot(argmax_last(noise), length, dtype=bool) & todo
+            x0 = self.propose(rng_x0, self.predict(logits_fn, st.tokens, s), st.tokens, s)
+            chosen = first_hitting_commit(rng_pos, todo)
             return st.replace(tokens=jnp.where(chosen, x0, st.tokens), rng=rng, step=st.step + 1, nfe=st.nfe + 1,
                               cache=jnp.where(n > 0, s, t))
 
         state = state.replace(cache=jnp.ones((n_samples,), jnp.float32))
-        return run_while(step, state, lambda st: jnp.any(eligible(st)))
+        return run_while(step, state, lambda st: jnp.any(self.todo(st.tokens, active)))
 
     def topk_confidence(self, logits_fn: LogitsFn, state: SamplerState, active: Array, steps: int) -> SamplerState:
         """Per step, commit the k most confident predictions (prob of the drawn token); k keeps
         floor(m0 * f(i+1)) tokens masked, f linear (1 - r) or cosine (cos(pi r / 2)), so all are done at the end."""
-        m0 = ((state.tokens == self.mask_id) & active).sum(-1)  # [N]
+        m0 = self.todo(state.tokens, active).sum(-1)  # [N]
 
         def step(st: SamplerState, i: Array) -> SamplerState:
             rng, rng_x0 = jax.random.split(st.rng)
-            todo = (st.tokens == self.mask_id) & active
-            if self.spec.unmask_schedule == "cosine":
+            todo = self.todo(st.tokens, active)
+            if self.unmask_schedule == "cosine":
                 frac = jnp.cos(0.5 * math.pi * (i + 1.0) / steps)
                 keep_masked = jnp.floor(m0 * frac + 1e-4).astype(jnp.int32)
             else:  # exact integer floor(m0 (1 - (i + 1) / T))
                 keep_masked = (m0 * (steps - 1 - i)) // steps
             keep_masked = jnp.where(i == steps - 1, 0, keep_masked)
             k = todo.sum(-1) - keep_masked  # [N]
-            logits = self.predict(logits_fn, st.tokens, 1.0 - i / steps)
-            x0 = sample_categorical(rng_x0, logits, self.spec.temperature, self.spec.top_p)
-            confidence = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), x0[..., None], axis=-1)[..., 0]
-            confidence = jnp.where(todo, confidence, -jnp.inf)
-            rank = jnp.argsort(jnp.argsort(-confidence, axis=-1), axis=-1)
-            commit = todo & (rank < k[:, None])
+            t = 1.0 - i / steps
+            logits = self.predict(logits_fn, st.tokens, t)
+            x0 = self.propose(rng_x0, logits, st.tokens, t)
+            commit = topk_commit(draw_confidence(logits, x0), todo, k)
             return st.replace(tokens=jnp.where(commit, x0, st.tokens), rng=rng, step=st.step + 1, nfe=st.nfe + 1)
 
         return run_scan(step, state, steps)
@@ -170,29 +221,33 @@ class MaskedSampling:
         return state.replace(tokens=tokens, nfe=state.nfe + need_forward.astype(jnp.int32))
 
 
-RUNNERS = ("ancestral", "cached", "first_hitting", "topk_confidence")
-SAMPLERS = (*RUNNERS, "semi_ar")
+def check_runner(name: str, time_conditioned: bool) -> None:
+    """One-line errors for a masked rule that cannot run (unknown, or `cached` on a time-conditioned model)."""
+    if name not in RUNNERS:
+        raise UserError(f"unknown masked-diffusion rule {name!r}; choose one of {', '.join(RUNNERS)}")
+    if name == "cached" and time_conditioned:
+        raise UserError("the cached sampler reuses predictions across t: it needs a model trained with "
+                        "model.time_conditioning=False; use --sampler=ancestral")
+
+
+def check_blocks(sampler: str, length: int, block: int, steps: int, what: str = "block length") -> None:
+    """Blocks of `block` tokens must tile the length, and the step budget must give each block a step."""
+    if length % block:
+        raise UserError(f"{sampler}: length {length} is not divisible by the {what} {block}")
+    if steps < length // block:
+        raise UserError(f"{sampler}: steps={steps} is fewer than the {length // block} blocks")
 
 
 def check_spec(spec: SampleSpec, time_conditioned: bool) -> None:
-    """One-line errors for settings a masked sampler cannot run with."""
-    inner = spec.inner if spec.sampler == "semi_ar" else spec.sampler
-    if spec.sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {spec.sampler!r} for a masked diffusion model; choose one of "
-                        f"{', '.join(SAMPLERS)}")
-    if inner not in RUNNERS:
-        raise UserError(f"semi_ar runs one of {', '.join(RUNNERS)} inside each block, not {inner!r}")
-    if inner == "cached" and time_conditioned:
-        raise UserError("the cached sampler reuses predictions across t: it needs a model trained with "
-                        "model.time_conditioning=False; use --sampler=ancestral")
-    if spec.unmask_schedule not in ("linear", "cosine"):
-        raise UserError(f"unmask schedule {spec.unmask_schedule!r}: choose linear or cosine")
+    """One-line errors for settings a masked sampler (a rule, or semi_ar around one) cannot run with."""
+    check_runner(inner_rule(spec), time_conditioned)
     if spec.sampler == "semi_ar":
-        block = semi_ar_block_length(spec)
-        if spec.length % block:
-            raise UserError(f"semi_ar: length {spec.length} is not divisible by the block length {block}")
-        if spec.steps < spec.length // block:
-            raise UserError(f"semi_ar: steps={spec.steps} is fewer than the {spec.length // block} blocks")
+        check_blocks("semi_ar", spec.length, semi_ar_block_length(spec), spec.steps)
+
+
+def inner_rule(spec: SampleSpec) -> str:
+    """The masked rule a spec runs: its `inner` option (semi_ar, block, Fast-dLLM caches) or the sampler itself."""
+    return spec.option("inner", spec.sampler)
 
 
 def initial_cache(runner: str, n: int, length: int, vocab: int) -> Any:
@@ -211,19 +266,20 @@ def reverse_steps(runner: str, budget: int) -> int:
 
 
 def semi_ar_block_length(spec: SampleSpec) -> int:
-    return spec.block_length or min(16, spec.length)
+    return spec.option("block_length", 0) or min(16, spec.length)
 
 
 def sample(logits_fn: LogitsFn, rng: Array, template: Array, spec: SampleSpec, *, mask_id: int,
-           schedule: MaskSchedule, t_eps: float = 1e-3) -> tuple[Array, dict[str, Array]]:
+           schedule: MaskSchedule, t_eps: float = 1e-3,
+           proposal: ProposalFn | None = None) -> tuple[Array, dict[str, Array]]:
     """Draws `spec.num_samples` sequences from the template [L] ([MASK] = to generate; others kept).
 
     Returns (tokens [N, L] int32, {"nfe": scalar}).
     """
-    ms = MaskedSampling(spec, mask_id, schedule, t_eps)
+    ms = MaskedSampling(spec, mask_id, schedule, t_eps, proposal)
     tokens = jnp.broadcast_to(template.astype(jnp.int32), (spec.num_samples, template.shape[0]))
     n, length = tokens.shape
-    inner = spec.inner if spec.sampler == "semi_ar" else spec.sampler
+    inner = inner_rule(spec)
     runner: Runner = getattr(ms, inner)
     state = init_state(tokens, rng, initial_cache(inner, n, length, mask_id + 1))
     if spec.sampler == "semi_ar":

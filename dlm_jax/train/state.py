@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -26,11 +27,13 @@ class TrainState:
     rng: Array  # base PRNG key (uint32[2]); step k uses fold_in(rng, k), so resuming needs no rng bookkeeping
 
 
-def _init_fn(model: nn.Module, optimizer: optax.GradientTransformation, config: ml_collections.ConfigDict):
+InitParams = Callable[[Array], Any]  # rng -> fresh trainable params (a family's init_params)
+
+
+def _init_fn(init_params: InitParams, optimizer: optax.GradientTransformation, config: ml_collections.ConfigDict):
     def init(rng: Array) -> TrainState:
         rng_params, rng_train = jax.random.split(rng)
-        tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
-        params = model.init(rng_params, tokens, jnp.ones((1,)))["params"]
+        params = init_params(rng_params)
         ema = params if config.train.ema_decay > 0 else None
         return TrainState(
             step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), ema_params=ema,
@@ -41,10 +44,10 @@ def _init_fn(model: nn.Module, optimizer: optax.GradientTransformation, config: 
 
 
 def abstract_state_and_shardings(
-    model: nn.Module, optimizer: optax.GradientTransformation, config: ml_collections.ConfigDict, mesh: Mesh
+    init_params: InitParams, optimizer: optax.GradientTransformation, config: ml_collections.ConfigDict, mesh: Mesh
 ) -> tuple[TrainState, TrainState]:
     """Shapes (jax.ShapeDtypeStruct leaves, unboxed) and NamedShardings of the train state; no FLOPs spent."""
-    boxed = jax.eval_shape(jax.jit(_init_fn(model, optimizer, config)), jax.random.PRNGKey(0))
+    boxed = jax.eval_shape(jax.jit(_init_fn(init_params, optimizer, config)), jax.random.PRNGKey(0))
     shardings = sharding.logical_shardings(mesh, boxed)
     shapes = jax.tree.map(
         lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
@@ -55,11 +58,11 @@ def abstract_state_and_shardings(
 
 
 def create_train_state(
-    model: nn.Module, optimizer: optax.GradientTransformation, config: ml_collections.ConfigDict,
+    init_params: InitParams, optimizer: optax.GradientTransformation, config: ml_collections.ConfigDict,
     shardings: TrainState,
 ) -> TrainState:
     """Initialises the state directly into its shardings (jit with out_shardings)."""
-    init = _init_fn(model, optimizer, config)
+    init = _init_fn(init_params, optimizer, config)
     return jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=shardings)(jax.random.PRNGKey(config.seed))
 
 

@@ -1,0 +1,130 @@
+"""Experiment assembly: everything built from a config (tokenizer, family with its frozen components, mesh,
+optimizer, train-state layout), the workdir's config.json and checks, and restoring trained models.
+
+The train loop, eval, the CLI, the Gen PPL judge and the benchmarks build through here; nothing here trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from dlm_jax import config as config_lib
+from dlm_jax import families, fileio
+from dlm_jax.data import tokenizers
+from dlm_jax.errors import UserError
+from dlm_jax.families.base import Component, Family
+from dlm_jax.train import checkpoint, optim, sharding
+from dlm_jax.train.state import TrainState, abstract_state_and_shardings, eval_params
+
+# Common keys that fix the shapes of the params (plus the family's own `shape_keys`): a workdir's checkpoint
+# only fits a config that agrees on them.
+SHAPE_KEYS = ("model.family", "model.num_layers", "model.d_model", "model.num_heads", "model.mlp_dim",
+              "model.mlp_type", "model.norm", "model.time_conditioning", "model.cond_dim", "model.scan_layers",
+              "data.tokenizer", "data.tokenizer_path")
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything built from a config: tokenizer, family (with its components), mesh, optimizer, state layout."""
+
+    config: ml_collections.ConfigDict
+    tokenizer: tokenizers.Tokenizer
+    family: Family
+    mesh: Mesh
+    optimizer: optax.GradientTransformation
+    abstract_state: TrainState
+    state_shardings: TrainState
+
+    @property
+    def frozen(self) -> dict[str, Any]:
+        """The components' params: passed to every jitted function as an argument (never trained or saved)."""
+        return self.family.frozen
+
+    def frozen_shardings(self) -> Any:
+        return jax.tree.map(lambda x: x.sharding, self.frozen)
+
+
+def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
+    families.validate(config)
+    if config.model.attention_impl == "pallas" and jax.default_backend() == "cpu":
+        raise UserError("model.attention_impl='pallas' needs a GPU or TPU; use xla or pallas_interpret on CPU")
+    tokenizer = tokenizers.get_tokenizer(config.data)
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_divisibility(config, mesh)
+    cls = families.get(config.model.family)
+    components = {name: load_component(config.components[name].workdir, name, accepted, config)
+                  for name, accepted in cls.component_families.items()}
+    family = cls(config, tokenizer, components)
+    optimizer = optim.make_optimizer(config.train)
+    with sharding.mesh_context(mesh):
+        abstract, shardings = abstract_state_and_shardings(family.init_params, optimizer, config, mesh)
+    return Experiment(config, tokenizer, family, mesh, optimizer, abstract, shardings)
+
+
+def saved_config_path(workdir: str) -> str:
+    return fileio.join(workdir, "config.json")
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a workdir was trained with (WORKDIR/config.json; older layouts are converted on load)."""
+    path = saved_config_path(workdir)
+    if not fileio.as_path(path).is_file():
+        raise UserError(f"{workdir!r} has no config.json: is it a dlm-jax workdir? train one with `dlm-jax train`")
+    return families.config_from_json(fileio.read_text(path), where=path)
+
+
+def restore_for_inference(workdir: str, config: ml_collections.ConfigDict) -> tuple[Experiment, Any, int]:
+    """(experiment, eval params (EMA when kept), step) of the latest checkpoint in workdir; no optimizer work."""
+    exp = build_experiment(config)
+    checkpointer = checkpoint.Checkpointer(workdir, config.train.max_checkpoints)
+    with sharding.mesh_context(exp.mesh):
+        restored = checkpointer.restore_latest(exp.abstract_state)
+    checkpointer.close()
+    if restored is None:
+        raise UserError(f"no checkpoint in {workdir!r}; train first: dlm-jax train --config=... --workdir={workdir}")
+    state, _, step = restored
+    return exp, eval_params(state, config.eval.use_ema), step
+
+
+def load_component(workdir: str, name: str, accepted: tuple[str, ...],
+                   parent: ml_collections.ConfigDict | None = None) -> Component:
+    """The frozen trained model of another workdir (config key components.<name>.workdir): its family, eval params
+    and config. `parent`: the config of the experiment that uses it (its mesh is used for the component too)."""
+    key = f"components.{name}.workdir"
+    try:
+        config = load_workdir_config(workdir)
+        if config.model.family not in accepted:
+            raise UserError(f"it holds a {config.model.family!r} model, this slot takes {' or '.join(accepted)}")
+        if parent is not None:
+            config = config_lib.apply_overrides(config, [f"--config.mesh.{axis}={parent.mesh[axis]}"
+                                                         for axis in sharding.MESH_AXES])
+        exp, params, _ = restore_for_inference(workdir, config)
+    except UserError as e:
+        raise UserError(f"{key}={workdir!r}: {e}") from None
+    return Component(name, workdir, exp.family, params, config)
+
+
+def check_workdir_matches(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """A workdir holding checkpoints of another model shape is an error, not a silent restart."""
+    if not fileio.as_path(saved_config_path(workdir)).is_file():
+        return
+    saved = load_workdir_config(workdir)
+    ckpt_dir = fileio.as_path(fileio.join(workdir, "checkpoints"))
+    if not ckpt_dir.is_dir() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+        return
+    family_keys = tuple(f"{config.model.family}.{k}" for k in families.get(config.model.family).shape_keys)
+    for key in (*SHAPE_KEYS, *family_keys, "train.ema_decay"):
+        old, new = config_lib.get_value(saved, key), config_lib.get_value(config, key)
+        if key == "train.ema_decay":  # only whether EMA params exist changes the checkpoint's structure
+            old, new = ("on" if old > 0 else "off"), ("on" if new > 0 else "off")
+        if old != new:
+            raise UserError(
+                f"workdir {workdir!r} holds a checkpoint of another model ({key}: {old!r} there, {new!r} now); "
+                "use a new --workdir or the same model config"
+            )

@@ -1,0 +1,129 @@
+"""MDLM / MD4: masked (absorbing-state) diffusion on the full-attention backbone (DESIGN.md section 3).
+
+`MaskedFamily` is what every [MASK]-based token family shares (the [MASK] id, the masking schedule section,
+templates for the masked samplers); block diffusion builds on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dlm_jax.config import choice
+from dlm_jax.diffusion import masked
+from dlm_jax.errors import UserError
+from dlm_jax.families import registry
+from dlm_jax.families.base import Sampler, TransformerFamily
+from dlm_jax.sampling import block as block_sampling
+from dlm_jax.sampling import masked as masked_sampling
+from dlm_jax.sampling.loop import NoOptions, SampleSpec
+
+Array = jax.Array
+
+
+def masked_process_section() -> ml_collections.ConfigDict:
+    """The keys of a masked forward process (MDLM / MD4 schedules), shared by the masked families' sections."""
+    s = ml_collections.ConfigDict()
+    s.schedule = "linear"  # linear | cosine | poly
+    s.schedule_power = 2.0  # k for poly: alpha_t = 1 - t^k
+    s.t_eps = 1e-3  # t ~ U[t_eps, 1]; samplers stop at t_eps
+    s.antithetic = True  # antithetic times over the batch
+    return s
+
+
+class MaskedFamily(TransformerFamily):
+    """A token family with a [MASK] id appended to the vocabulary and a masking schedule in its section."""
+
+    num_extra_tokens: ClassVar[int] = 1
+
+    @classmethod
+    def validate(cls, config: ml_collections.ConfigDict) -> None:
+        section = config[cls.name]
+        choice(f"{cls.name}.schedule", section.schedule, ("linear", "cosine", "poly"))
+        if not 0.0 < section.t_eps < 1.0:
+            raise UserError(f"{cls.name}.t_eps must be in (0, 1), got {section.t_eps}")
+
+    @property
+    def schedule(self) -> masked.MaskSchedule:
+        return masked.schedule_from_config(self.section)
+
+    def masked_sampling(self, spec: SampleSpec) -> masked_sampling.MaskedSampling:
+        return masked_sampling.MaskedSampling(spec, self.mask_id, self.schedule, self.section.t_eps)
+
+    def masked_template(self, template: Any) -> Array:
+        """The template with [MASK] where it is -1 (to be generated)."""
+        return jnp.where(jnp.asarray(template) < 0, self.mask_id, jnp.asarray(template))
+
+
+# ---------------------------------------------------------------------------------------------- samplers
+
+
+def _check_rule(family: MDLM, spec: SampleSpec, template: Any) -> None:
+    del template
+    masked_sampling.check_spec(spec, family.model.cfg.time_conditioning)
+
+
+def _check_fast_dllm(family: MDLM, spec: SampleSpec, template: Any) -> None:
+    del template
+    masked_sampling.check_runner(spec.options.inner, family.model.cfg.time_conditioning)
+    masked_sampling.check_blocks(spec.sampler, spec.length, masked_sampling.semi_ar_block_length(spec), spec.steps)
+
+
+def _sample_rule(family: MDLM, params, rng: Array, spec: SampleSpec, template: Any):
+    """ancestral, cached, first_hitting, topk_confidence, semi_ar (sampling/masked.py)."""
+    return masked_sampling.sample(family.logits_fn(params, rng, train=False), rng, family.masked_template(template),
+                                  spec, mask_id=family.mask_id, schedule=family.schedule, t_eps=family.section.t_eps)
+
+
+def _sample_fast_dllm(family: MDLM, params, rng: Array, spec: SampleSpec, template: Any):
+    """prefix_cache / dual_cache: Fast-dLLM's approximate KV caches (sampling/block.py)."""
+    return block_sampling.approx_cache_sample(
+        family.decode_fn(params), lambda n: family.empty_cache(spec.num_samples, n), rng,
+        family.masked_template(template), spec, family.masked_sampling(spec),
+        masked_sampling.semi_ar_block_length(spec), dual=spec.sampler == "dual_cache")
+
+
+def _rule(doc: str, options: type = NoOptions) -> Sampler:
+    return Sampler(_sample_rule, options, _check_rule, doc)
+
+
+def _fast_dllm(doc: str) -> Sampler:
+    return Sampler(_sample_fast_dllm, masked_sampling.SemiAROptions, _check_fast_dllm, doc)
+
+
+@registry.register
+class MDLM(MaskedFamily):
+    """Masked diffusion: continuous- or discrete-time NELBO with SUBS, full attention."""
+
+    name: ClassVar[str] = "mdlm"
+    mask_mode: ClassVar[str] = "full"
+    samplers: ClassVar[dict[str, Sampler]] = {
+        "ancestral": _rule("MDLM reverse process on the grid t: 1 -> eps, then one argmax pass"),
+        "cached": _rule("ancestral, with the forward skipped while nothing changed (t-agnostic models)"),
+        "first_hitting": _rule("one token per forward at its first-hitting time (--steps unused)"),
+        "topk_confidence": _rule("MaskGIT / LLaDA: commit the k most confident tokens per step",
+                                 masked_sampling.TopkOptions),
+        "semi_ar": _rule("blocks left to right, a masked rule inside each", masked_sampling.SemiAROptions),
+        "prefix_cache": _fast_dllm("Fast-dLLM prefix cache: semi-AR blocks against a cached prefix"),
+        "dual_cache": _fast_dllm("Fast-dLLM dual cache: the block against cached prefix and (stale) suffix"),
+    }
+
+    @classmethod
+    def config_section(cls) -> ml_collections.ConfigDict:
+        s = masked_process_section()
+        s.num_timesteps = 0  # 0: continuous-time NELBO; T > 0: discrete-time T-step NELBO
+        return s
+
+    @classmethod
+    def validate(cls, config: ml_collections.ConfigDict) -> None:
+        super().validate(config)
+        if config.mdlm.num_timesteps < 0:
+            raise UserError(f"mdlm.num_timesteps must be >= 0 (0 = continuous time), got {config.mdlm.num_timesteps}")
+
+    def loss_terms(self, params, batch, rng, train):
+        rng_noise, rng_dropout = jax.random.split(rng)
+        return masked.nelbo_terms(self.logits_fn(params, rng_dropout, train), batch["tokens"], batch["loss_mask"],
+                                  rng_noise, self.section, mask_id=self.mask_id)
