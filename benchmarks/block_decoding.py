@@ -19,11 +19,10 @@ import platform
 
 import jax
 import numpy as np
-from common import ensure_trained, evaluate, random_model, write_result
+from common import ensure_trained, evaluate, random_model, sample_spec, write_result
 
 from dlm_jax.eval.sweep import generation_row
 from dlm_jax.experiment import load_workdir_config, restore_for_inference
-from dlm_jax.sampling.loop import SampleSpec
 
 RECIPES = {"mdlm": "configs/shakespeare_mdlm.py", "block": "configs/shakespeare_block.py",
            "ar": "configs/shakespeare_ar.py"}
@@ -42,7 +41,7 @@ def speed_rows(args: argparse.Namespace) -> tuple[list[dict], dict]:
         outputs = {}
         for sampler in samplers:
             block = args.block_size if family == "block" else args.approx_block
-            spec = SampleSpec(sampler, args.num_samples, args.length, steps=args.steps, block_length=block)
+            spec = sample_spec(exp, sampler, args.num_samples, args.length, steps=args.steps, block_length=block)
             tokens, timing = timed_sample(exp, params, spec, template, seed=0, batch_size=args.num_samples)
             outputs[sampler] = tokens
             rows.append({"family": family, "sampler": sampler, "length": args.length, "block": block,
@@ -71,8 +70,8 @@ def quality_rows(args: argparse.Namespace) -> tuple[list[dict], dict]:
                 ("mdlm", "dual_cache"))
     for family, sampler in settings:
         exp, params, _ = restore_for_inference(workdirs[family], load_workdir_config(workdirs[family]))
-        spec = SampleSpec(sampler, args.num_samples, args.quality_length, steps=args.quality_steps,
-                          top_p=args.top_p, block_length=4 if family != "block" else 0)
+        spec = sample_spec(exp, sampler, args.num_samples, args.quality_length, steps=args.quality_steps,
+                           top_p=args.top_p, block_length=4)
         template = np.full((args.quality_length,), -1, np.int32)
         _, row = generation_row(exp, params, spec, template, 0, args.num_samples, judge, False)
         rows.append({"family": family, **row})

@@ -3,18 +3,19 @@ random-weight models for speed-only measurements."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
 
 import flax.linen as nn
 import jax
-import numpy as np
 
 from dlm_jax import config as config_lib
 from dlm_jax import families
 from dlm_jax.eval.likelihood import Evaluator
 from dlm_jax.experiment import build_experiment, load_workdir_config, restore_for_inference
+from dlm_jax.sampling.loop import SampleSpec
 from dlm_jax.train import sharding
 from dlm_jax.train.checkpoint import Checkpointer
 from dlm_jax.train.loop import train
@@ -53,8 +54,19 @@ def random_model(recipe: str, overrides: tuple[str, ...] = ()) -> tuple[Any, Any
                                                                               *overrides])
     exp = build_experiment(config)
     with sharding.mesh_context(exp.mesh):
-        params = exp.model.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32), np.ones((1,), np.float32))
-    return exp, nn.meta.unbox(params["params"])
+        params = exp.family.init_params(jax.random.PRNGKey(0))
+    return exp, nn.meta.unbox(params)
+
+
+def sample_spec(exp: Any, sampler: str, num_samples: int, length: int, **settings) -> SampleSpec:
+    """A SampleSpec for `sampler` of the experiment's family; settings that are options of that sampler (e.g.
+    block_length) go into its typed options, the rest (steps, top_p, ...) into the spec; others are dropped."""
+    options_cls = exp.family.sampler(sampler).options
+    names = {f.name for f in dataclasses.fields(options_cls)}
+    options = options_cls(**{k: v for k, v in settings.items() if k in names})
+    spec_keys = {f.name for f in dataclasses.fields(SampleSpec)}
+    return SampleSpec(sampler, num_samples, length, options=options,
+                      **{k: v for k, v in settings.items() if k in spec_keys})
 
 
 def write_result(result: dict, path: str) -> None:

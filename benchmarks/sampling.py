@@ -92,9 +92,9 @@ class LoopDriver:
 def ancestral_driver(exp: Any, spec: SampleSpec, template: np.ndarray) -> LoopDriver:
     """MDLM ancestral (as dlm_jax.sampling.masked.sample: T - 1 reverse steps, then the argmax pass), one jitted
     call per step; the step index is the state's own counter, so no host value crosses per step."""
-    model, mc = exp.model, exp.config.model
-    mask_id = model.cfg.vocab_size - 1
-    ms = MaskedSampling(spec, mask_id, schedule_from_config(mc), mc.t_eps)
+    model, section = exp.family.model, exp.config.mdlm
+    mask_id = exp.family.mask_id
+    ms = MaskedSampling(spec, mask_id, schedule_from_config(section), section.t_eps)
     n, length, steps = spec.num_samples, spec.length, spec.steps - 1
     tokens = np.broadcast_to(np.where(template < 0, mask_id, template), (n, length)).astype(np.int32)
     active = jnp.ones((n, length), bool)
@@ -118,14 +118,14 @@ def ar_driver(exp: Any, spec: SampleSpec, template: np.ndarray) -> LoopDriver:
     then one jitted single-token decode per new token."""
     if (template >= 0).any():
         raise ValueError("the AR loop driver decodes from [BOS] only (no prompt)")
-    model = exp.model
+    model = exp.family.model
     n, length = spec.num_samples, spec.length
 
     def decode(params, tokens, cache, index):
         return model.apply({"params": params}, tokens, None, cache=cache, cache_index=index)
 
     def prefill(params, rng) -> SamplerState:
-        bos = jnp.full((n, 1), model.bos_id, jnp.int32)
+        bos = jnp.full((n, 1), exp.family.bos_id, jnp.int32)
         logits, cache = decode(params, bos, init_cache(model.cfg, n, length), jnp.zeros((), jnp.int32))
         rng, rng_step = jax.random.split(rng)
         first = sample_categorical(rng_step, logits[:, -1], spec.temperature, spec.top_p)
@@ -180,13 +180,13 @@ def table_rows(args: argparse.Namespace, models: dict, judge: Judge, length: int
     settings = []
     for sampler in MDLM_SAMPLERS:
         for steps in ([length] if sampler == "first_hitting" else args.steps_list):
-            settings.append(("mdlm", SampleSpec(sampler, args.num_samples, length, steps=steps, top_p=args.top_p,
-                                                block_length=args.block_length if sampler == "semi_ar" else 0)))
+            spec = common.sample_spec(models["mdlm"][0], sampler, args.num_samples, length, steps=steps,
+                                      top_p=args.top_p, block_length=args.block_length)
+            settings.append(("mdlm", spec))
     settings += [("ar", SampleSpec(s, args.num_samples, length, steps=length, top_p=args.top_p)) for s in AR_SAMPLERS]
     for family, spec in settings:  # every setting is checked before the first (slow) one runs
         exp = models[family][0]
-        exp.family.check_sample(exp.model, exp.config, dataclasses.replace(spec, num_samples=args.batch_size),
-                                template)
+        exp.family.check_sample(dataclasses.replace(spec, num_samples=args.batch_size), template)
     rows = []
     for family, spec in settings:
         exp, params = models[family][:2]
@@ -266,7 +266,7 @@ def loop_target(args: argparse.Namespace, models: dict, length: int) -> tuple[li
         scan_tokens, scan = timed_sample(exp, params, dataclasses.replace(spec, num_samples=args.loop_samples),
                                          template, args.seed, batch_size=1)
         loop_tokens, loop = timed_loop(exp, params, driver, args.seed, args.loop_samples)
-        cfg = exp.model.cfg
+        cfg = exp.family.model.cfg
         size = f"{cfg.num_layers}x{cfg.d_model}"
         steps = f", T={spec.steps}" if family == "mdlm" else ""
         where = (f"{spec.sampler}, {model_name} {size} ({num_params(params) / 1e6:.2f}M), L={length}{steps}, "

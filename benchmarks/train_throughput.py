@@ -57,21 +57,21 @@ def measure(family: str, scan_layers: bool, args: argparse.Namespace) -> dict:
     local = {"tokens": rng.integers(0, 256, (args.batch_size, args.seq_len)).astype(np.int32),
              "loss_mask": np.ones((args.batch_size, args.seq_len), np.float32)}
     with sharding.mesh_context(exp.mesh):
-        state = create_train_state(exp.model, exp.optimizer, c, exp.state_shardings)
+        state = create_train_state(exp.family.init_params, exp.optimizer, c, exp.state_shardings)
         step = make_train_step(exp, batch_sharding)
         batch = sharding.global_batch(local, batch_sharding)
         for _ in range(2):  # compile + warm-up
-            state, metrics = step(state, batch)
+            state, metrics = step(state, batch, exp.frozen)
         jax.block_until_ready(metrics)
         times = []
         for _ in range(args.steps):
             start = time.perf_counter()
-            state, metrics = step(state, batch)
+            state, metrics = step(state, batch, exp.frozen)
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
     seconds = float(np.median(times))
     tokens_per_second = args.batch_size * args.seq_len / seconds
-    model_flops = flops_per_token(exp.model.cfg, args.seq_len) * tokens_per_second
+    model_flops = flops_per_token(exp.family.model.cfg, args.seq_len) * tokens_per_second
     return {"family": family, "layers": "scan" if scan_layers else "unrolled", "step_seconds": seconds,
             "tokens_per_second": tokens_per_second,
             "model_tflops": model_flops / 1e12, "loss": float(metrics["loss"])}

@@ -17,7 +17,6 @@ from typing import Any
 import ml_collections
 
 from dlm_jax.errors import UserError
-from dlm_jax.kernels.attention import IMPLS as attention_impls
 
 TOKENIZERS = ("byte", "char", "hf", "sentencepiece")
 SOURCES = ("python_stdlib", "text_files", "tfds", "hf", "array_record")
@@ -216,6 +215,8 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
     """Checks the common keys' values and consistency; raises a one-line UserError naming the key.
 
     (`dlm_jax.families.validate` runs this, then the family's own checks.)"""
+    from dlm_jax.kernels.attention import IMPLS as attention_impls  # here: `dlm-jax compile` sets XLA_FLAGS first
+
     m, d, t = config.model, config.data, config.train
     choice("model.mlp_type", m.mlp_type, ("swiglu", "gelu"))
     choice("model.norm", m.norm, ("rmsnorm", "layernorm"))

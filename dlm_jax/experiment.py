@@ -50,15 +50,16 @@ class Experiment:
         return jax.tree.map(lambda x: x.sharding, self.frozen)
 
 
-def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
+def build_experiment(config: ml_collections.ConfigDict, devices: list | None = None) -> Experiment:
+    """Validates `config` and builds everything for it (on `devices`, default all); loads frozen components."""
     families.validate(config)
     if config.model.attention_impl == "pallas" and jax.default_backend() == "cpu":
         raise UserError("model.attention_impl='pallas' needs a GPU or TPU; use xla or pallas_interpret on CPU")
     tokenizer = tokenizers.get_tokenizer(config.data)
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_divisibility(config, mesh)
     cls = families.get(config.model.family)
-    components = {name: load_component(config.components[name].workdir, name, accepted, config)
+    components = {name: load_component(config.components[name].workdir, name, accepted, config, devices)
                   for name, accepted in cls.component_families.items()}
     family = cls(config, tokenizer, components)
     optimizer = optim.make_optimizer(config.train)
@@ -79,9 +80,10 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     return families.config_from_json(fileio.read_text(path), where=path)
 
 
-def restore_for_inference(workdir: str, config: ml_collections.ConfigDict) -> tuple[Experiment, Any, int]:
+def restore_for_inference(workdir: str, config: ml_collections.ConfigDict,
+                          devices: list | None = None) -> tuple[Experiment, Any, int]:
     """(experiment, eval params (EMA when kept), step) of the latest checkpoint in workdir; no optimizer work."""
-    exp = build_experiment(config)
+    exp = build_experiment(config, devices)
     checkpointer = checkpoint.Checkpointer(workdir, config.train.max_checkpoints)
     with sharding.mesh_context(exp.mesh):
         restored = checkpointer.restore_latest(exp.abstract_state)
@@ -93,7 +95,7 @@ def restore_for_inference(workdir: str, config: ml_collections.ConfigDict) -> tu
 
 
 def load_component(workdir: str, name: str, accepted: tuple[str, ...],
-                   parent: ml_collections.ConfigDict | None = None) -> Component:
+                   parent: ml_collections.ConfigDict | None = None, devices: list | None = None) -> Component:
     """The frozen trained model of another workdir (config key components.<name>.workdir): its family, eval params
     and config. `parent`: the config of the experiment that uses it (its mesh is used for the component too)."""
     key = f"components.{name}.workdir"
@@ -104,7 +106,7 @@ def load_component(workdir: str, name: str, accepted: tuple[str, ...],
         if parent is not None:
             config = config_lib.apply_overrides(config, [f"--config.mesh.{axis}={parent.mesh[axis]}"
                                                          for axis in sharding.MESH_AXES])
-        exp, params, _ = restore_for_inference(workdir, config)
+        exp, params, _ = restore_for_inference(workdir, config, devices)
     except UserError as e:
         raise UserError(f"{key}={workdir!r}: {e}") from None
     return Component(name, workdir, exp.family, params, config)

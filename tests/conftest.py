@@ -37,3 +37,18 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+
+
+import tests.toy_family  # noqa: E402,F401 -- registers the test-only `toy` family (contract tests run it too)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu_only` tests run only where jax has a GPU (their CPU counterparts run the kernels in interpret mode)."""
+    import jax
+
+    if jax.default_backend() == "gpu":
+        return
+    skip = pytest.mark.skip(reason="gpu_only: no GPU here (the interpret-mode tests cover these kernels on CPU)")
+    for item in items:
+        if "gpu_only" in item.keywords:
+            item.add_marker(skip)

@@ -33,3 +33,10 @@ def tiny_config(corpus: str, family: str = "mdlm", overrides: tuple[str, ...] = 
     config = config_lib.apply_overrides(families.base_config(), base + list(overrides))
     families.validate(config)
     return config
+
+
+class StubTokenizer:
+    """What a family reads of a tokenizer (vocabulary size, EOS id), for unit tests of families on toy vocabularies."""
+
+    def __init__(self, vocab_size: int, eos_id: int = 0):
+        self.vocab_size, self.eos_id = vocab_size, eos_id

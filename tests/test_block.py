@@ -12,22 +12,21 @@ from dlm_jax.diffusion import block, masked
 from dlm_jax.diffusion.schedules import MaskSchedule
 from dlm_jax.errors import UserError
 from dlm_jax.sampling.loop import SampleSpec
+from tests.helpers import StubTokenizer
 
 VOCAB = 13  # 12 tokens + [MASK]
 MASK = VOCAB - 1
 
 
-def _model(family, block_size, seed=0, **overrides):
+def _model(family, block_size, seed=0):
     c = families.base_config()
     c.model.family = family
     c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 2, 32, 4, 64
-    c.model.block_size = block_size
-    for key, value in overrides.items():
-        c.model[key] = value
-    fam, model = families.build(c, vocab_size=VOCAB - 1, bos_id=0)
-    params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 16), jnp.int32), jnp.ones((1,)))["params"]
+    c.block.block_size = block_size
+    fam = families.get(family)(c, StubTokenizer(VOCAB - 1, eos_id=0), {})
+    params = fam.model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 16), jnp.int32), jnp.ones((1,)))["params"]
     params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(seed + 1), x.shape), params)
-    return c, fam, model, params
+    return c, fam, fam.model, params
 
 
 def _x0(batch=2, length=16, seed=3):
@@ -82,20 +81,20 @@ def test_variance_search_picks_the_lowest_variance_candidate():
     assert best == (0.3, 0.8) and variances["0.1-0.9"] == pytest.approx(1.0)
 
 
-def _sample(fam, model, params, config, sampler, template, steps, inner="ancestral", block_length=0, seed=0):
-    spec = SampleSpec(sampler, 3, len(template), steps=steps, inner=inner, block_length=block_length)
-    fam.check_sample(model, config, spec, template)
-    run = jax.jit(lambda rng: fam.sample(model, params, rng, config, spec, template))
+def _sample(fam, params, sampler, template, steps, seed=0, **options):
+    spec = SampleSpec(sampler, 3, len(template), steps=steps, options=fam.sampler(sampler).options(**options))
+    fam.check_sample(spec, template)
+    run = jax.jit(lambda rng: fam.sample(params, rng, spec, template))
     tokens, stats = run(jax.random.PRNGKey(seed))
     return np.asarray(tokens), int(stats["nfe"])
 
 
 @pytest.mark.parametrize("inner", ["ancestral", "topk_confidence", "cached"])
 def test_kv_cached_block_decoding_equals_decoding_without_the_cache(inner):
-    config, fam, model, params = _model("block", block_size=4)
+    _, fam, _, params = _model("block", block_size=4)
     template = np.array([3, 1, 4, 1, 5] + [-1] * 11, np.int32)
-    cached, nfe_cached = _sample(fam, model, params, config, "block", template, 16, inner)
-    plain, nfe_plain = _sample(fam, model, params, config, "block_nocache", template, 16, inner)
+    cached, nfe_cached = _sample(fam, params, "block", template, 16, inner=inner)
+    plain, nfe_plain = _sample(fam, params, "block_nocache", template, 16, inner=inner)
     np.testing.assert_array_equal(cached, plain)
     np.testing.assert_array_equal(cached[:, :5], np.broadcast_to(template[:5], (3, 5)))
     assert not (cached == MASK).any()
@@ -103,29 +102,29 @@ def test_kv_cached_block_decoding_equals_decoding_without_the_cache(inner):
 
 
 def test_fast_dllm_caches_fill_blocks_and_reduce_to_the_exact_sampler_with_one_block():
-    config, fam, model, params = _model("mdlm", block_size=1)
+    _, fam, _, params = _model("mdlm", block_size=1)
     template = np.array([2, 7] + [-1] * 14, np.int32)
     for sampler in ("prefix_cache", "dual_cache"):
-        tokens, _ = _sample(fam, model, params, config, sampler, template, 16, block_length=4)
+        tokens, _ = _sample(fam, params, sampler, template, 16, block_length=4)
         assert not (tokens == MASK).any() and (tokens[:, :2] == [2, 7]).all()
     # one block: no prefix, no suffix, nothing stale -> exactly semi_ar with one block (plus the refresh forward)
-    exact, nfe_exact = _sample(fam, model, params, config, "semi_ar", template, 8, block_length=16)
+    exact, nfe_exact = _sample(fam, params, "semi_ar", template, 8, block_length=16)
     for sampler in ("prefix_cache", "dual_cache"):
-        tokens, nfe = _sample(fam, model, params, config, sampler, template, 8, block_length=16)
+        tokens, nfe = _sample(fam, params, sampler, template, 8, block_length=16)
         np.testing.assert_array_equal(tokens, exact)
         assert nfe == nfe_exact + 1
 
 
 def test_block_config_errors():
     c = config_lib.apply_overrides(families.base_config(), ["--config.model.family=block",
-                                                               "--config.model.block_size=5"])
-    with pytest.raises(UserError, match="data.seq_len=128 is not divisible by model.block_size=5"):
+                                                               "--config.block.block_size=5"])
+    with pytest.raises(UserError, match="data.seq_len=128 is not divisible by block.block_size=5"):
         families.validate(c)
-    config, fam, model, _ = _model("block", block_size=4)
+    _, fam, _, _ = _model("block", block_size=4)
     with pytest.raises(UserError, match="not divisible by the block size 4"):
-        fam.check_sample(model, config, SampleSpec("block", 1, 10, steps=8), np.full(10, -1))
-    with pytest.raises(UserError, match="unknown sampler 'ancestral' for a block"):
-        fam.check_sample(model, config, SampleSpec("ancestral", 1, 8), np.full(8, -1))
+        fam.check_sample(SampleSpec("block", 1, 10, steps=8), np.full(10, -1))
+    with pytest.raises(UserError, match="unknown sampler 'ancestral' for a block model"):
+        fam.check_sample(SampleSpec("ancestral", 1, 8), np.full(8, -1))
 
 
 def test_block_family_through_the_cli(tmp_path):

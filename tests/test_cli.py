@@ -54,9 +54,12 @@ def test_train_eval_sample_end_to_end(workdirs, family):
     assert any("val_bpc" in r for r in records)
     assert os.listdir(os.path.join(workdir, "tensorboard"))
 
+    metric = "nll" if family == "ar" else "nelbo"  # AR's is exact, the diffusion NELBO a bound
+    assert any(f"val_{metric}" in r for r in records)
     result = last_json(run("eval", f"--workdir={workdir}").stdout)
-    assert {"step", "nelbo", "ppl", "bits_per_token", "num_tokens", "bpc"} <= set(result)
-    assert result["step"] == 4 and result["num_tokens"] == 2 * 8 * 32 and 0 < result["nelbo"] < 10
+    assert {"step", "metric", metric, "ppl", "bits_per_token", "num_tokens", "bpc"} <= set(result)
+    assert result["step"] == 4 and result["num_tokens"] == 2 * 8 * 32 and 0 < result[metric] < 10
+    assert result["metric"] == metric and ("nelbo" in result) == (family != "ar")
 
     output = os.path.join(workdir, "s.jsonl")
     args = ["sample", f"--workdir={workdir}", "--num_samples=3", "--batch_size=2", "--steps=8", "--length=16",
@@ -94,12 +97,26 @@ def test_generation_sweep_writes_table_and_plot(workdirs, tmp_path):
         (["--steps=0"], "--steps must be >= 1"),
         (["--length=4096"], "trained on data.seq_len=32"),
         (["--infill=ab[MASK*3]c", "--sampler=cached"], None),  # fine: infill on a diffusion model
+        (["--sampler=semi_ar", "--sampler.blocks=4"], "sampler 'semi_ar' has no option 'blocks'; its options: "
+                                                     "block_length=0, inner=ancestral, unmask_schedule=linear"),
+        (["--sampler=semi_ar", "--sampler.block_length=four"], "'sampler.block_length' wants a int"),
+        (["--sampler=semi_ar", "--sampler.inner=nope"], "choose one of ancestral, cached"),
+        (["--sampler.inner=cached"], "--sampler.KEY options need --sampler=NAME"),
+        (["--sampler=semi_ar", "--sampler.block_length=4", "--sampler.inner=topk_confidence", "--length=16",
+          "--steps=8"], None),
     ],
 )
 def test_sample_bad_input_is_one_line(workdirs, extra, message):
     proc = run("sample", f"--workdir={workdirs['mdlm']}", "--num_samples=1", "--steps=4", *extra, check=message is None)
     if message is not None:
         _assert_one_line_error(proc, message)
+
+
+def test_sampler_help_lists_its_options(workdirs):
+    out = run("sample", f"--workdir={workdirs['mdlm']}", "--sampler=semi_ar", "--help").stdout
+    assert "--sampler.block_length=0" in out and "--sampler.inner=ancestral" in out and "topk_confidence" in out
+    out = run("sample", "--sampler=ar", "--help").stdout  # no workdir: the families that have it
+    assert "ar (ar)" in out and "no options of its own" in out
 
 
 def test_judge_with_another_tokenizer_is_refused_unless_retokenized(workdirs, corpus, tmp_path):

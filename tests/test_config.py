@@ -96,3 +96,32 @@ def test_json_roundtrip():
     c = config_lib.apply_overrides(families.base_config(), ["--config.model.d_model=96"])
     again = families.config_from_json(config_lib.to_json(c), where="test")
     assert again.to_dict() == c.to_dict()
+
+
+def test_every_family_has_its_section_and_no_family_key_is_flat_in_model():
+    c = families.base_config()
+    assert set(c.mdlm) == {"schedule", "schedule_power", "t_eps", "antithetic", "num_timesteps"}
+    assert set(c.block) == {"schedule", "schedule_power", "t_eps", "antithetic", "block_size", "clip_beta",
+                            "clip_omega"}
+    assert "ar" not in c  # no section: nothing to configure
+    assert not set(c.model) & {"schedule", "t_eps", "block_size", "clip_beta", "num_timesteps"}
+    bad = config_lib.apply_overrides(c, ["--config.model.family=block", "--config.block.clip_beta=0.9",
+                                         "--config.block.clip_omega=0.5"])
+    with pytest.raises(UserError, match="need 0 < block.clip_beta < block.clip_omega"):
+        families.validate(bad)
+    with pytest.raises(UserError, match="mdlm.t_eps must be in"):
+        families.validate(config_lib.apply_overrides(c, ["--config.mdlm.t_eps=0.0"]))
+
+
+@pytest.mark.parametrize("name,family", [("legacy_block_config.json", "block"), ("legacy_ar_config.json", "ar")])
+def test_config_json_of_an_older_workdir_loads_with_keys_moved_to_the_family_section(name, family):
+    """Workdirs written before family sections (schedule, block_size, ... flat in `model`) still load."""
+    path = os.path.join(ROOT, "tests", "fixtures", name)
+    with open(path) as f:
+        config = families.config_from_json(f.read(), where=path)
+    families.validate(config)
+    assert config.model.family == family
+    if family == "block":
+        assert (config.block.block_size, config.block.clip_beta, config.block.clip_omega) == (8, 0.3, 0.8)
+        assert config.block.schedule == "cosine"
+    assert config.to_dict() == families.config_from_json(config_lib.to_json(config), where="again").to_dict()

@@ -82,9 +82,9 @@ def _oracle(x0, confident_everywhere=True):
 def test_perfect_predictor_has_zero_nelbo_and_carry_over_ignores_clean_positions():
     x0 = jax.random.randint(jax.random.PRNGKey(0), (4, 16), 0, V)
     mask = jnp.ones_like(x0, jnp.float32)
-    model = base_config().model
+    section = base_config().mdlm
     for everywhere in (True, False):
-        terms = masked.nelbo_terms(_oracle(x0, everywhere), x0, mask, jax.random.PRNGKey(1), model, MASK)
+        terms = masked.nelbo_terms(_oracle(x0, everywhere), x0, mask, jax.random.PRNGKey(1), section, MASK)
         assert float(terms["nll_sum"]) == pytest.approx(0.0, abs=1e-6)
         assert float(terms["num_tokens"]) == 64
 

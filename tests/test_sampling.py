@@ -12,7 +12,15 @@ from dlm_jax.errors import UserError
 from dlm_jax.models.transformer import Transformer, TransformerConfig, init_cache
 from dlm_jax.sampling import autoregressive as ar
 from dlm_jax.sampling import masked
-from dlm_jax.sampling.loop import SampleSpec, argmax_last, nucleus_logits, sample_categorical
+from dlm_jax.sampling.loop import (
+    NoOptions,
+    SampleSpec,
+    argmax_last,
+    describe_options,
+    make_options,
+    nucleus_logits,
+    sample_categorical,
+)
 from dlm_jax.sampling.prompts import build_template
 
 V, MASK = 6, 6
@@ -25,8 +33,13 @@ def bigram_logits(z, t):
     return W[z]
 
 
-def _sample(name, template, steps, n=3, fn=bigram_logits, seed=0, **kw):
-    spec = SampleSpec(sampler=name, num_samples=n, length=template.shape[0], steps=steps, **kw)
+OPTIONS = {"topk_confidence": masked.TopkOptions, "semi_ar": masked.SemiAROptions}
+
+
+def _sample(name, template, steps, n=3, fn=bigram_logits, seed=0, temperature=1.0, **options):
+    options_cls = OPTIONS.get(name, NoOptions)
+    spec = SampleSpec(sampler=name, num_samples=n, length=template.shape[0], steps=steps, temperature=temperature,
+                      options=options_cls(**options))
     masked.check_spec(spec, time_conditioned=False)
     run = jax.jit(lambda rng: masked.sample(fn, rng, template, spec, mask_id=MASK, schedule=MaskSchedule("linear")))
     tokens, stats = run(jax.random.PRNGKey(seed))
@@ -105,12 +118,31 @@ def test_topk_linear_schedule_commits_evenly():
 
 
 def test_sampler_errors_are_one_line():
-    with pytest.raises(UserError, match="unknown sampler 'nope'"):
+    with pytest.raises(UserError, match="unknown masked-diffusion rule 'nope'"):
         masked.check_spec(SampleSpec("nope", 1, 8), False)
     with pytest.raises(UserError, match="time_conditioning=False"):
         masked.check_spec(SampleSpec("cached", 1, 8), True)
     with pytest.raises(UserError, match="not divisible by the block length"):
-        masked.check_spec(SampleSpec("semi_ar", 1, 10, block_length=4), False)
+        masked.check_spec(SampleSpec("semi_ar", 1, 10, options=masked.SemiAROptions(block_length=4)), False)
+    with pytest.raises(UserError, match="fewer than the 4 blocks"):
+        masked.check_spec(SampleSpec("semi_ar", 1, 16, steps=3, options=masked.SemiAROptions(block_length=4)), False)
+
+
+def test_sampler_options_are_typed_and_documented():
+    opts = make_options("semi_ar", masked.SemiAROptions, {"block_length": "8", "inner": "cached"})
+    assert opts == masked.SemiAROptions(block_length=8, inner="cached")
+    assert make_options("semi_ar", masked.SemiAROptions, {}) == masked.SemiAROptions()
+    with pytest.raises(UserError, match=r"no option 'blocks'; its options: block_length=0, inner=ancestral"):
+        make_options("semi_ar", masked.SemiAROptions, {"blocks": "8"})
+    with pytest.raises(UserError, match="'sampler.block_length' wants a int"):
+        make_options("semi_ar", masked.SemiAROptions, {"block_length": "eight"})
+    with pytest.raises(UserError, match="choose one of ancestral, cached, first_hitting, topk_confidence"):
+        make_options("semi_ar", masked.SemiAROptions, {"inner": "semi_ar"})
+    with pytest.raises(UserError, match="sampler 'ancestral' has no option 'inner'; its options: none"):
+        make_options("ancestral", NoOptions, {"inner": "cached"})
+    text = describe_options("topk_confidence", masked.TopkOptions)
+    assert "--sampler.unmask_schedule=linear" in text and "linear, cosine" in text
+    assert describe_options("ancestral", NoOptions) == "ancestral: no options of its own"
 
 
 # ---------------------------------------------------------------------------------------------- AR

@@ -114,7 +114,7 @@ class MaskedSampling:
 
     def grid(self, i: Array, steps: int) -> tuple[Array, Array]:
         """Times (t, s) of reverse step i of `steps` on the grid 1 -> eps."""
-        dt = (1.0 - self.t_eps) / steps
+        dt = (1.0 - self.t_eps) / max(steps, 1)  # 0 steps: the scan body is traced, never run
         return 1.0 - i * dt, 1.0 - (i + 1) * dt
 
     def todo(self, tokens: Array, active: Array) -> Array:
