@@ -21,6 +21,14 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def train_corpus(tmp_path_factory):
+    """The first 60,000 characters of tinyshakespeare: enough val rows for tiny train + eval runs."""
+    from tests.helpers import small_corpus
+
+    return small_corpus(tmp_path_factory.mktemp("train_corpus"))
+
+
+@pytest.fixture(scope="module")
 def corpus_text(corpus):
     with open(corpus, encoding="utf-8") as f:
         return f.read()

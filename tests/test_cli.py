@@ -164,3 +164,25 @@ def test_eval_and_sample_on_an_empty_workdir_are_one_line_errors(tmp_path):
     _assert_one_line_error(run("eval", f"--workdir={tmp_path}", check=False), "no config.json")
     _assert_one_line_error(run("sample", f"--workdir={tmp_path}", check=False), "no config.json")
     _assert_one_line_error(run("train", "--config=configs/nope.py", f"--workdir={tmp_path}", check=False), "not found")
+
+
+def test_gen_ppl_rules_and_the_retokenized_path_score_the_same_span(workdirs):
+    """gen_ppl: tokens up to and including the first EOS; gen_ppl_no_eos: every non-EOS token; and re-tokenizing
+    (each stretch between EOS ids decoded and re-encoded, EOS kept) scores exactly the same tokens."""
+    import numpy as np
+
+    from dlm_jax.data.tokenizers import ByteTokenizer
+    from dlm_jax.eval.genppl import Judge, span_mask, to_judge_ids
+
+    judge = Judge(workdirs["ar"])
+    eos = judge.tokenizer.eos_id
+    text = ByteTokenizer()
+    rows = [np.array([84, 111, eos, 98, 101, eos, 33], np.int32), np.array([72, 105, 33, 33], np.int32)]
+    np.testing.assert_array_equal(span_mask(rows[0], eos), [1, 1, 1, 0, 0, 0, 0])
+    retokenized = [to_judge_ids(r, text, judge.tokenizer) for r in rows]
+    for a, b in zip(retokenized, rows, strict=True):
+        np.testing.assert_array_equal(a, b)  # bytes -> bytes: the same ids, EOS kept where it was
+    direct, again = judge.gen_ppl(rows), judge.gen_ppl(retokenized)
+    assert direct == again
+    assert direct["gen_tokens"] == 3 + 4 and direct["gen_tokens_no_eos"] == 5 + 4
+    assert direct["gen_ppl"] > 1 and direct["gen_ppl_no_eos"] > 1 and "first EOS" in direct["gen_ppl_rule"]

@@ -19,15 +19,15 @@ from dlm_jax.train import sharding
 from dlm_jax.train.loop import train
 from dlm_jax.train.metrics import read_metrics
 from dlm_jax.train.state import create_train_state
-from tests.helpers import small_corpus, tiny_config
+from tests.helpers import tiny_config
 
 FAMILIES = sorted(families.FAMILIES)
 COMPARED = ("loss", "grad_norm", "learning_rate")
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return small_corpus(tmp_path_factory.mktemp("corpus"))
+def corpus(train_corpus):
+    return train_corpus
 
 
 @pytest.fixture(scope="module")

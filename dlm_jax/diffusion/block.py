@@ -4,9 +4,10 @@ The sequence is cut into blocks of L' tokens; block b gets its own time t_b (ant
 loss sum_b w(t_b) * sum_{masked l in b} -log p(x^l | z_t^b, x^{<b}). Training runs in one pass over
 x_t (+) x_0 (length 2L, both halves at positions 0..L-1) with the `bd3_train` attention mask
 [[M_BD, M_OBC], [0, M_BC]]: noisy tokens see their own noisy block and strictly earlier clean blocks, clean
-tokens are block-causal among themselves; logits come from the x_t half. Clipped schedules draw the mask rate
-from U[beta, omega] (lower-variance training); the reported NELBO uses U[t_eps, 1]. L' = 1 is an AR model,
-L' = L is MDLM.
+tokens are block-causal among themselves; logits come from the x_t half. The mask rate r = 1 - alpha_t is drawn
+uniformly, so the weight is 1/r (the dt/dr Jacobian of -alpha'/(1 - alpha)) whatever the schedule. Clipped
+schedules draw r from U[beta, omega] (lower-variance training); the reported NELBO uses U[t_eps, 1].
+L' = 1 is an AR model, L' = L is MDLM.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def nelbo_terms_at(logits_fn: LogitsFn, x0: Array, loss_mask: Array, mask_rate: 
     positions = jnp.concatenate([jnp.arange(length), jnp.arange(length)])
     logits = logits_fn(jnp.concatenate([z_t, x0], axis=1), positions)[:, :length]  # the x_t half
     nll = token_nll(subs_logits(logits, mask_id), x0)  # [B, L]
-    weight = jnp.repeat(schedule.continuous_weight(t), block_size, axis=1)
+    # r ~ U[beta, omega] is drawn directly, so the NELBO integral over t becomes one over r = 1 - alpha_t:
+    # (-alpha'_t / (1 - alpha_t)) dt = dr / r. The weight is 1/r for every schedule (the schedule only moves t).
+    weight = jnp.repeat(1.0 / mask_rate, block_size, axis=1)
     per_token = jnp.where(is_masked, nll, 0.0) * weight * loss_mask
     return {"nll_sum": per_token.sum(), "num_tokens": loss_mask.sum(), "mask_rate": is_masked.mean(),
             "per_sequence": per_token.sum(axis=1)}

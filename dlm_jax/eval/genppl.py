@@ -1,13 +1,18 @@
 """Generative perplexity: samples re-scored by a judge AR model trained by this codebase (DESIGN.md section 9).
 
-Per sample the scored tokens are all tokens up to and including the first EOS (all of them when there is
-none); Gen PPL = exp(sum of judge NLL / number of scored tokens), pooled over samples.
+Two rules, both pooled over samples (exp(sum of judge NLL / number of scored tokens)), printed with their names:
+  gen_ppl         every token up to and including the first EOS (the whole row when there is none): the text a
+                  user sees (MDLM / EDLM convention)
+  gen_ppl_no_eos  every non-EOS token of the row (BD3-LM's convention)
+With a judge of another tokenizer (--retokenize) each stretch between EOS ids is decoded and re-encoded and every
+EOS stays an EOS, so both rules score exactly the same text as with a judge of the sample tokenizer.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from typing import Any
 
 import jax
 import numpy as np
@@ -17,15 +22,28 @@ from dlm_jax.errors import UserError
 from dlm_jax.experiment import load_workdir_config, restore_for_inference
 from dlm_jax.train import sharding
 
+GEN_PPL_RULE = "gen_ppl: judge NLL of the tokens up to and including the first EOS (whole row if none), pooled; " \
+               "gen_ppl_no_eos: every non-EOS token of the row, pooled (BD3-LM)"
 
-def scored_rows(rows: list[np.ndarray], eos_id: int) -> list[np.ndarray]:
-    """Each row cut after its first EOS (kept); rows without EOS stay whole."""
-    out = []
-    for row in rows:
-        row = np.asarray(row)
-        hits = np.flatnonzero(row == eos_id)
-        out.append(row[: hits[0] + 1] if len(hits) else row)
-    return out
+
+def span_mask(row: np.ndarray, eos_id: int) -> np.ndarray:
+    """1 for the tokens up to and including the first EOS (all tokens when there is none). row: [L] -> [L]."""
+    hits = np.flatnonzero(np.asarray(row) == eos_id)
+    end = hits[0] + 1 if len(hits) else len(row)
+    return (np.arange(len(row)) < end).astype(np.float32)
+
+
+def to_judge_ids(row: np.ndarray, sample_tokenizer: Tokenizer, judge_tokenizer: Tokenizer) -> np.ndarray:
+    """A sample row in the judge's ids: each stretch between EOS ids decoded and re-encoded, each EOS the judge's."""
+    row = np.asarray(row)
+    pieces, start = [], 0
+    for cut in [*np.flatnonzero(row == sample_tokenizer.eos_id).tolist(), len(row)]:
+        if cut > start:
+            pieces.append(np.asarray(judge_tokenizer.encode(sample_tokenizer.decode(row[start:cut])), np.int32))
+        if cut < len(row):
+            pieces.append(np.array([judge_tokenizer.eos_id], np.int32))
+        start = cut + 1
+    return np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
 
 
 class Judge:
@@ -56,21 +74,28 @@ class Judge:
                             "pass --retokenize to score the decoded text with the judge's tokenizer")
         print(f"note: re-tokenizing samples from {sample_tokenizer.name} to the judge's {self.tokenizer.name}",
               file=sys.stderr)
-        return [np.append(self.tokenizer.encode(sample_tokenizer.decode(r)), self.tokenizer.eos_id) for r in rows]
+        return [to_judge_ids(r, sample_tokenizer, self.tokenizer) for r in rows]
 
-    def gen_ppl(self, rows: list[np.ndarray], batch_size: int = 32) -> dict[str, float]:
-        """Pooled Gen PPL of judge-token rows (cut after the first EOS)."""
-        rows = scored_rows(rows, self.tokenizer.eos_id)
+    def gen_ppl(self, rows: list[np.ndarray], batch_size: int = 32) -> dict[str, Any]:
+        """Pooled Gen PPL of judge-token rows under both rules (module docstring)."""
+        rows = [np.asarray(r, np.int32) for r in rows if len(r)]
+        eos = self.tokenizer.eos_id
         width = max(len(r) for r in rows)
-        nll_sum, count = 0.0, 0.0
+        sums = {"span": [0.0, 0.0], "no_eos": [0.0, 0.0]}
         with sharding.mesh_context(self.exp.mesh):
             for start in range(0, len(rows), batch_size):
                 chunk = rows[start : start + batch_size]
                 tokens = np.full((len(chunk), width), self.tokenizer.pad_id, np.int32)
-                mask = np.zeros((len(chunk), width), np.float32)
+                masks = {rule: np.zeros((len(chunk), width), np.float32) for rule in sums}
                 for i, r in enumerate(chunk):
-                    tokens[i, : len(r)], mask[i, : len(r)] = r, 1.0
-                s, c = jax.device_get(self._nll(self.params, tokens, mask))
-                nll_sum, count = nll_sum + float(s), count + float(c)
-        return {"gen_ppl": math.exp(min(nll_sum / count, 700.0)), "gen_nll": nll_sum / count,
-                "gen_tokens": count}
+                    tokens[i, : len(r)] = r
+                    masks["span"][i, : len(r)] = span_mask(r, eos)
+                    masks["no_eos"][i, : len(r)] = r != eos
+                for rule, mask in masks.items():
+                    s, c = jax.device_get(self._nll(self.params, tokens, mask))
+                    sums[rule][0] += float(s)
+                    sums[rule][1] += float(c)
+        (nll, count), (nll_no_eos, count_no_eos) = sums["span"], sums["no_eos"]
+        return {"gen_ppl": math.exp(min(nll / count, 700.0)), "gen_nll": nll / count, "gen_tokens": count,
+                "gen_ppl_no_eos": math.exp(min(nll_no_eos / max(count_no_eos, 1.0), 700.0)),
+                "gen_tokens_no_eos": count_no_eos, "gen_ppl_rule": GEN_PPL_RULE}

@@ -68,6 +68,9 @@ def _check_rule(family: MDLM, spec: SampleSpec, template: Any) -> None:
 
 def _check_fast_dllm(family: MDLM, spec: SampleSpec, template: Any) -> None:
     del template
+    if family.model.cfg.time_conditioning:
+        raise UserError(f"{spec.sampler} reuses K/V computed at the block's start time for every later step: it "
+                        "needs a model trained with model.time_conditioning=False; use --sampler=semi_ar")
     masked_sampling.check_runner(spec.options.inner, family.model.cfg.time_conditioning)
     masked_sampling.check_blocks(spec.sampler, spec.length, masked_sampling.semi_ar_block_length(spec), spec.steps)
 

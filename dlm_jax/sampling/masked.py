@@ -218,7 +218,10 @@ class MaskedSampling:
             return jnp.where(remaining, argmax_last(logits), state.tokens)
 
         tokens = jax.lax.cond(any_left, fill, lambda: state.tokens)
-        return state.replace(tokens=tokens, nfe=state.nfe + need_forward.astype(jnp.int32))
+        state = state.replace(tokens=tokens, nfe=state.nfe + need_forward.astype(jnp.int32))
+        if cached:  # the fill changed the tokens: the cached logits no longer match them (semi_ar's next block)
+            state = state.replace(cache={**state.cache, "stale": state.cache["stale"] | any_left})
+        return state
 
 
 def check_runner(name: str, time_conditioned: bool) -> None:
@@ -231,11 +234,16 @@ def check_runner(name: str, time_conditioned: bool) -> None:
 
 
 def check_blocks(sampler: str, length: int, block: int, steps: int, what: str = "block length") -> None:
-    """Blocks of `block` tokens must tile the length, and the step budget must give each block a step."""
+    """Blocks of `block` tokens must tile the length, and the step budget must split evenly over the blocks (a
+    remainder would be dropped silently)."""
     if length % block:
         raise UserError(f"{sampler}: length {length} is not divisible by the {what} {block}")
-    if steps < length // block:
-        raise UserError(f"{sampler}: steps={steps} is fewer than the {length // block} blocks")
+    num_blocks = length // block
+    if steps < num_blocks:
+        raise UserError(f"{sampler}: steps={steps} is fewer than the {num_blocks} blocks")
+    if steps % num_blocks:
+        raise UserError(f"{sampler}: steps={steps} does not split over the {num_blocks} blocks; use a multiple of "
+                        f"{num_blocks} (e.g. --steps={num_blocks * max(1, round(steps / num_blocks))})")
 
 
 def check_spec(spec: SampleSpec, time_conditioned: bool) -> None:
