@@ -299,6 +299,8 @@ def cmd_prepare(args, config, options) -> None:
     print(json.dumps(prepare(config.data, args.output_dir, num_shards=args.num_shards)))
 
 
+MOVED_TO_SAMPLER_OPTIONS = ("--block_length", "--inner", "--unmask_schedule")  # flags of older versions
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "prepare": cmd_prepare,
             "compile": cmd_compile}
 
@@ -332,6 +334,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if options and args.command not in ("sample", "eval"):
             raise UserError(f"--sampler.KEY options go with `dlm-jax sample`, not `dlm-jax {args.command}`")
+        moved = [a for a in unknown if a.split("=", 1)[0] in MOVED_TO_SAMPLER_OPTIONS]
+        if moved:
+            old = moved[0].split("=", 1)[0]
+            raise UserError(f"{old} is now a sampler option: {old.replace('--', '--sampler.', 1)}=...")
         if unknown:
             raise UserError(f"unknown argument(s) {' '.join(unknown)}; see dlm-jax {args.command} --help")
         if hasattr(args, "coordinator_address"):

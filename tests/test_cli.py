@@ -102,6 +102,7 @@ def test_generation_sweep_writes_table_and_plot(workdirs, tmp_path):
         (["--sampler=semi_ar", "--sampler.block_length=four"], "'sampler.block_length' wants a int"),
         (["--sampler=semi_ar", "--sampler.inner=nope"], "choose one of ancestral, cached"),
         (["--sampler.inner=cached"], "--sampler.KEY options need --sampler=NAME"),
+        (["--sampler=semi_ar", "--inner=cached"], "--inner is now a sampler option: --sampler.inner=..."),
         (["--sampler=semi_ar", "--sampler.block_length=4", "--sampler.inner=topk_confidence", "--length=16",
           "--steps=8"], None),
     ],

@@ -33,7 +33,8 @@ def bigram_logits(z, t):
     return W[z]
 
 
-OPTIONS = {"topk_confidence": masked.TopkOptions, "semi_ar": masked.SemiAROptions}
+OPTIONS = {"topk_confidence": masked.TopkOptions, "semi_ar": masked.SemiAROptions, "ancestral": masked.AncestralOptions,
+           "cached": masked.AncestralOptions}
 
 
 def _sample(name, template, steps, n=3, fn=bigram_logits, seed=0, temperature=1.0, **options):
@@ -328,3 +329,20 @@ def test_categorical_draws_keep_the_far_tail(gap, chunks, tolerance):
     low-precision Gumbel noise drew the 16-nat token at ~0.56x its probability. (20 nats: expected 0.04 hits at
     this budget, beyond a CPU test; the high mode's noise reaches ~32, so it is not cut off either.)"""
     assert abs(_tail_frequency(gap, chunks) - 1.0) < tolerance
+
+
+def test_cosine_time_grid_matches_md4_and_ends_at_eps():
+    """MD4's cosine sampling grid: t_i = cos(pi/2 (1 - (T - i)/T)), scaled into [eps, 1]; denser near t = 1."""
+    eps, steps = 1e-3, 4
+    cosine = masked.MaskedSampling(SampleSpec("ancestral", 1, 8, options=masked.AncestralOptions("cosine")), MASK,
+                                   MaskSchedule("linear"), eps)
+    linear = masked.MaskedSampling(SampleSpec("ancestral", 1, 8), MASK, MaskSchedule("linear"), eps)
+    times = np.array([float(cosine.grid(jnp.asarray(i), steps)[0]) for i in range(steps)]
+                     + [float(cosine.grid(jnp.asarray(steps - 1), steps)[1])])
+    want = eps + (1 - eps) * np.cos(np.pi / 2 * (1 - (steps - np.arange(steps + 1)) / steps))
+    np.testing.assert_allclose(times, want, rtol=1e-6, atol=1e-7)
+    assert times[0] == pytest.approx(1.0) and times[-1] == pytest.approx(eps, abs=1e-7)
+    assert np.all(np.diff(times) < 0) and -np.diff(times)[0] < -np.diff(times)[-1]  # small first steps
+    assert float(linear.grid(jnp.asarray(1), steps)[0]) == pytest.approx(1 - (1 - eps) / steps)
+    tokens, _ = _sample("ancestral", jnp.full((16,), MASK).at[:2].set(1), steps=8, time_grid="cosine")
+    assert (tokens[:, :2] == 1).all() and not (tokens == MASK).any()

@@ -104,8 +104,10 @@ class MDLM(MaskedFamily):
     name: ClassVar[str] = "mdlm"
     mask_mode: ClassVar[str] = "full"
     samplers: ClassVar[dict[str, Sampler]] = {
-        "ancestral": _rule("MDLM reverse process on the grid t: 1 -> eps, then one argmax pass"),
-        "cached": _rule("ancestral, with the forward skipped while nothing changed (t-agnostic models)"),
+        "ancestral": _rule("MDLM reverse process on the grid t: 1 -> eps, then one argmax pass",
+                           masked_sampling.AncestralOptions),
+        "cached": _rule("ancestral, with the forward skipped while nothing changed (t-agnostic models)",
+                        masked_sampling.AncestralOptions),
         "first_hitting": _rule("one token per forward at its first-hitting time (--steps unused)"),
         "topk_confidence": _rule("MaskGIT / LLaDA: commit the k most confident tokens per step",
                                  masked_sampling.TopkOptions),

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from dlm_jax.sampling.loop import SamplerState, SampleSpec, init_state, option
-from dlm_jax.sampling.masked import RUNNERS, MaskedSampling, initial_cache, inner_rule, reverse_steps
+from dlm_jax.sampling.masked import RUNNERS, TIME_GRIDS, MaskedSampling, initial_cache, inner_rule, reverse_steps
 
 Array = jax.Array
 
@@ -32,6 +32,7 @@ class BlockOptions:
     inner: str = option("ancestral", "the masked rule run inside each block", RUNNERS)
     unmask_schedule: str = option("linear", "topk_confidence inside: how many tokens stay masked per step",
                                   ("linear", "cosine"))
+    time_grid: str = option("linear", "reverse-step times inside a block: linear or MD4's cosine grid", TIME_GRIDS)
 
 
 # decode_fn(tokens [N, Lq], t [N], cache, index) -> (logits [N, Lq, V], cache with the queries' K/V at index)

@@ -47,6 +47,14 @@ LogitsFn = Callable[[Array, Array], Array]  # (z [N, L], t [N]) -> logits [N, L,
 # A runner advances the state over the `active` positions [N, L] in `steps` steps.
 Runner = Callable[[LogitsFn, SamplerState, Array, int], SamplerState]
 RUNNERS = ("ancestral", "cached", "first_hitting", "topk_confidence")
+TIME_GRIDS = ("linear", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class AncestralOptions:
+    time_grid: str = option("linear", "reverse-step times: linear, or MD4's cosine grid (small steps near t = 1)",
+                            TIME_GRIDS)
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +68,8 @@ class SemiAROptions:
     inner: str = option("ancestral", "the rule run inside each block", RUNNERS)
     unmask_schedule: str = option("linear", "topk_confidence inside: how many tokens stay masked per step",
                                   ("linear", "cosine"))
+    time_grid: str = option("linear", "reverse-step times: linear, or MD4's cosine grid (small steps near t = 1)",
+                            TIME_GRIDS)
 
 
 # -- the two halves of a masked step -------------------------------------------------------------
@@ -101,6 +111,7 @@ class MaskedSampling:
                  proposal: ProposalFn | None = None):
         self.spec, self.mask_id, self.schedule, self.t_eps = spec, mask_id, schedule, t_eps
         self.unmask_schedule = spec.option("unmask_schedule", "linear")
+        self.time_grid = spec.option("time_grid", "linear")
         self.propose = proposal or self.denoiser_proposal
 
     # -- shared pieces -------------------------------------------------------------------------
@@ -113,8 +124,13 @@ class MaskedSampling:
         return subs_logits(logits_fn(tokens, jnp.broadcast_to(t, (tokens.shape[0],))), self.mask_id)
 
     def grid(self, i: Array, steps: int) -> tuple[Array, Array]:
-        """Times (t, s) of reverse step i of `steps` on the grid 1 -> eps."""
+        """Times (t, s) of reverse step i of `steps` on the grid 1 -> eps: linear, or cosine (MD4, Shi et al.
+        2024): the linear grid's fraction u in [0, 1] mapped to cos(pi/2 (1 - u)), then scaled into [eps, 1]."""
         dt = (1.0 - self.t_eps) / max(steps, 1)  # 0 steps: the scan body is traced, never run
+        if self.time_grid == "cosine":
+            u_t, u_s = 1.0 - i / max(steps, 1), 1.0 - (i + 1) / max(steps, 1)  # linear fractions 1 -> 0
+            warp = lambda u: self.t_eps + (1.0 - self.t_eps) * jnp.cos(0.5 * math.pi * (1.0 - u))  # noqa: E731
+            return warp(u_t), warp(u_s)
         return 1.0 - i * dt, 1.0 - (i + 1) * dt
 
     def todo(self, tokens: Array, active: Array) -> Array:
