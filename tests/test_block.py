@@ -187,3 +187,38 @@ def test_block_nelbo_of_the_true_marginal_model_is_its_cross_entropy_for_every_s
 
     nll = jax.jit(jax.vmap(one))(jax.random.split(jax.random.PRNGKey(2), 400)) / x0.size
     assert float(nll.mean()) == pytest.approx(true_ce, rel=0.015), (float(nll.mean()), true_ce)
+
+
+def test_resample_forces_every_block_into_the_clip_interval():
+    """BD3-LM's training.resample: blocks whose realised masked fraction is outside [beta, omega] are re-drawn
+    (with the same probabilities); blocks already inside are left as they were."""
+    keep = jnp.full((64, 32), 0.4)  # mask prob 0.6 per token, blocks of 4: fractions 0 .. 1 all occur
+    first = jax.random.uniform(jax.random.PRNGKey(0), keep.shape) < 0.6
+    out = np.asarray(block.resample_masks(jax.random.PRNGKey(1), first, keep, 4, 0.45, 0.95))
+    fractions = out.reshape(64, 8, 4).mean(-1)
+    assert ((fractions >= 0.45) & (fractions <= 0.95)).all()
+    before = np.asarray(first).reshape(64, 8, 4)
+    inside = (before.mean(-1) >= 0.45) & (before.mean(-1) <= 0.95)
+    assert (~inside).any() and (out.reshape(64, 8, 4)[inside] == before[inside]).all()
+    # through the loss: the realised mask rate moves into the interval
+    x0, mask = _x0(8, 16), jnp.ones((8, 16))
+    terms = block.nelbo_terms(lambda tokens, positions: jnp.zeros(tokens.shape + (VOCAB,)), x0, mask,
+                              jax.random.PRNGKey(2), MaskSchedule("linear"), 4, MASK, 0.45, 0.95, resample=True)
+    assert 0.45 <= float(terms["mask_rate"]) <= 0.95 and np.isfinite(float(terms["nll_sum"]))
+
+
+def test_resample_needs_a_reachable_fraction():
+    c = config_lib.apply_overrides(families.base_config(), [
+        "--config.model.family=block", "--config.data.seq_len=32", "--config.block.block_size=4",
+        "--config.block.clip_beta=0.3", "--config.block.clip_omega=0.45", "--config.block.resample=true"])
+    with pytest.raises(UserError, match=r"block.resample: no block of 4 tokens can have a masked fraction in"):
+        families.validate(c)
+    families.validate(config_lib.apply_overrides(c, ["--config.block.clip_omega=0.5"]))  # 2/4 is reachable
+
+
+def test_block_family_trains_with_resample():
+    c, fam, _, params = _model("block", block_size=4)
+    c.block.resample = True
+    batch = {"tokens": _x0(4, 16), "loss_mask": jnp.ones((4, 16))}
+    loss, metrics = jax.jit(lambda p: fam.loss(p, batch, jax.random.PRNGKey(0), True))(params)
+    assert np.isfinite(float(loss)) and 0.45 <= float(metrics["mask_rate"]) <= 0.95

@@ -37,14 +37,47 @@ def block_mask_rates(rng: Array, batch: int, num_blocks: int, beta: float, omega
     return (beta + (omega - beta) * u).reshape(batch, num_blocks)
 
 
+MAX_RESAMPLES = 64  # bound on BD3-LM's re-draw loop (the config check makes a valid draw possible)
+
+
+def resample_masks(rng: Array, is_masked: Array, keep_prob: Array, block_size: int, beta: float,
+                   omega: float) -> Array:
+    """BD3-LM's `resample`: blocks whose realised masked fraction falls outside [beta, omega] are re-drawn with the
+    same per-token probabilities until every block is inside (at most MAX_RESAMPLES rounds); blocks already inside
+    are kept. is_masked, keep_prob: [B, L] -> [B, L]."""
+    batch, length = is_masked.shape
+
+    def outside(masked: Array) -> Array:  # [B, L]: the tokens of blocks whose fraction is out of range
+        fraction = masked.reshape(batch, length // block_size, block_size).mean(-1)
+        bad = (fraction < beta - 1e-6) | (fraction > omega + 1e-6)
+        return jnp.repeat(bad, block_size, axis=1)
+
+    def body(carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+        rng, masked, rounds = carry
+        rng, rng_draw = jax.random.split(rng)
+        fresh = jax.random.uniform(rng_draw, masked.shape) < (1.0 - keep_prob)
+        return rng, jnp.where(outside(masked), fresh, masked), rounds + 1
+
+    def cond(carry: tuple[Array, Array, Array]) -> Array:
+        return jnp.any(outside(carry[1])) & (carry[2] < MAX_RESAMPLES)
+
+    return jax.lax.while_loop(cond, body, (rng, is_masked, jnp.zeros((), jnp.int32)))[1]
+
+
 def nelbo_terms_at(logits_fn: LogitsFn, x0: Array, loss_mask: Array, mask_rate: Array, rng: Array,
-                   schedule: MaskSchedule, block_size: int, mask_id: int) -> dict[str, Array]:
+                   schedule: MaskSchedule, block_size: int, mask_id: int,
+                   resample: tuple[float, float] | None = None) -> dict[str, Array]:
     """Block NELBO terms for given per-block mask rates [B, nb]: weighted masked cross-entropy (nats, summed),
-    num_tokens, and per_sequence [B] (nll_sum of each sequence, for the variance search)."""
+    num_tokens, and per_sequence [B] (nll_sum of each sequence, for the variance search). resample=(beta, omega):
+    re-draw blocks whose realised masked fraction is outside [beta, omega] (`resample_masks`)."""
     batch, length = x0.shape
     t = schedule.time_at_mask_rate(mask_rate)  # [B, nb]
     t_tok = jnp.repeat(t, block_size, axis=1)  # [B, L]
     z_t, is_masked = forward_mask(rng, x0, schedule.alpha(t_tok), mask_id)
+    if resample is not None:
+        is_masked = resample_masks(jax.random.fold_in(rng, 1), is_masked, schedule.alpha(t_tok), block_size,
+                                   *resample)
+        z_t = jnp.where(is_masked, mask_id, x0)
     positions = jnp.concatenate([jnp.arange(length), jnp.arange(length)])
     logits = logits_fn(jnp.concatenate([z_t, x0], axis=1), positions)[:, :length]  # the x_t half
     nll = token_nll(subs_logits(logits, mask_id), x0)  # [B, L]
@@ -57,11 +90,14 @@ def nelbo_terms_at(logits_fn: LogitsFn, x0: Array, loss_mask: Array, mask_rate: 
 
 
 def nelbo_terms(logits_fn: LogitsFn, x0: Array, loss_mask: Array, rng: Array, schedule: MaskSchedule,
-                block_size: int, mask_id: int, beta: float, omega: float, antithetic: bool = True) -> dict[str, Array]:
-    """One Monte-Carlo draw of the block NELBO with mask rates ~ U[beta, omega] per block."""
+                block_size: int, mask_id: int, beta: float, omega: float, antithetic: bool = True,
+                resample: bool = False) -> dict[str, Array]:
+    """One Monte-Carlo draw of the block NELBO with mask rates ~ U[beta, omega] per block (resample: the realised
+    masked fraction of every block is forced into [beta, omega] too, as BD3-LM's training.resample)."""
     rng_t, rng_mask = jax.random.split(rng)
     rates = block_mask_rates(rng_t, x0.shape[0], x0.shape[1] // block_size, beta, omega, antithetic)
-    return nelbo_terms_at(logits_fn, x0, loss_mask, rates, rng_mask, schedule, block_size, mask_id)
+    return nelbo_terms_at(logits_fn, x0, loss_mask, rates, rng_mask, schedule, block_size, mask_id,
+                          (beta, omega) if resample else None)
 
 
 def best_clip(per_sequence: dict[tuple[float, float], np.ndarray]) -> tuple[tuple[float, float], dict[str, float]]:

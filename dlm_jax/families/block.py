@@ -57,6 +57,7 @@ class Block(MaskedFamily):
         s.block_size = 4  # L': tokens per block (1: AR, data.seq_len: MDLM)
         s.clip_beta = 0.45  # training mask rates ~ U[beta, omega] (clipped schedule); eval uses U[t_eps, 1]
         s.clip_omega = 0.95
+        s.resample = False  # training: re-draw blocks whose realised masked fraction is outside [beta, omega]
         return s
 
     @classmethod
@@ -71,6 +72,10 @@ class Block(MaskedFamily):
             raise UserError(f"need 0 < block.clip_beta < block.clip_omega <= 1, got {b.clip_beta}, {b.clip_omega}")
         if d.packing == "pad":
             raise UserError("block diffusion trains on packed rows: set data.packing=wrap")
+        if b.resample and not any(b.clip_beta - 1e-6 <= k / b.block_size <= b.clip_omega + 1e-6
+                                  for k in range(b.block_size + 1)):
+            raise UserError(f"block.resample: no block of {b.block_size} tokens can have a masked fraction in "
+                            f"[{b.clip_beta}, {b.clip_omega}]; widen block.clip_beta/clip_omega or resample=False")
 
     def block_size(self) -> int:
         return self.config.block.block_size
@@ -79,7 +84,8 @@ class Block(MaskedFamily):
         logits_fn = self.logits_fn(params, rng[1], train)
         return block_diffusion.nelbo_terms(
             lambda tokens, positions: logits_fn(tokens, positions=positions), batch["tokens"], batch["loss_mask"],
-            rng[0], self.schedule, self.block_size(), self.mask_id, beta, omega, self.section.antithetic)
+            rng[0], self.schedule, self.block_size(), self.mask_id, beta, omega, self.section.antithetic,
+            resample=train and self.section.resample)
 
     def loss_terms(self, params, batch, rng, train):
         beta, omega = (self.section.clip_beta, self.section.clip_omega) if train else (self.section.t_eps, 1.0)
