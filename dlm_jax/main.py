@@ -141,8 +141,7 @@ def _sampler_help(argv: list[str]) -> bool:
     return True
 
 
-def cmd_train(args, config, options) -> None:
-    del options
+def cmd_train(args, config) -> None:
     from dlm_jax.train.loop import train
 
     metrics = train(config, args.workdir)
@@ -186,10 +185,10 @@ def _sampling_setup(args, config, sampler: str | None, steps: int, options: dict
     return exp, params, step, spec, template, judge, batch_size
 
 
-def cmd_eval(args, config, options) -> None:
+def cmd_eval(args, config) -> None:
     if args.gen:
-        return _cmd_eval_gen(args, config, options)
-    if options:
+        return _cmd_eval_gen(args, config, args.sampler_options)
+    if args.sampler_options:
         raise UserError("--sampler.KEY options go with `dlm-jax sample` or `dlm-jax eval --gen`")
     from dlm_jax.eval.likelihood import Evaluator
     from dlm_jax.experiment import restore_for_inference
@@ -223,9 +222,10 @@ def _cmd_eval_gen(args, config, options) -> None:
     print(json.dumps({"step": step, **result}))
 
 
-def cmd_sample(args, config, options) -> None:
+def cmd_sample(args, config) -> None:
     from dlm_jax.eval.sweep import generation_row
 
+    options = args.sampler_options
     steps = config.sample.steps if args.steps is None else args.steps
     if options and args.sampler is None:
         raise UserError("--sampler.KEY options need --sampler=NAME")
@@ -253,7 +253,7 @@ def parse_mesh(text: str) -> dict[str, int]:
     return sizes
 
 
-def cmd_compile(args, config, options) -> None:
+def cmd_compile(args, config) -> None:
     """Ahead-of-time check that the train step of `config` lowers and compiles for the mesh, with the memory
     estimate per device; runs on fake CPU devices so sharding mistakes show before a pod is rented."""
     import math
@@ -264,7 +264,6 @@ def cmd_compile(args, config, options) -> None:
     from dlm_jax.train import sharding
     from dlm_jax.train.loop import make_train_step
 
-    del options
     sizes = parse_mesh(args.mesh)
     if jax.device_count() != math.prod(sizes.values()):
         raise UserError(f"--mesh={args.mesh} needs {math.prod(sizes.values())} devices, this process has "
@@ -292,8 +291,7 @@ def cmd_compile(args, config, options) -> None:
                       "per_device_mib": total, **mib}))
 
 
-def cmd_prepare(args, config, options) -> None:
-    del options
+def cmd_prepare(args, config) -> None:
     from dlm_jax.data.prepare import prepare
 
     print(json.dumps(prepare(config.data, args.output_dir, num_shards=args.num_shards)))
@@ -344,7 +342,8 @@ def main(argv: list[str] | None = None) -> None:
             from dlm_jax.train.distributed import initialize
 
             initialize(args.coordinator_address, args.num_processes, args.process_id)
-        COMMANDS[args.command](args, _load(args, overrides), options)
+        args.sampler_options = options
+        COMMANDS[args.command](args, _load(args, overrides))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

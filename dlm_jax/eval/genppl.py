@@ -59,8 +59,11 @@ class Judge:
         self.tokenizer: Tokenizer = self.exp.tokenizer
         family = self.exp.family
 
-        def nll(params, tokens, loss_mask):
-            terms = family.likelihood_terms(params, {"tokens": tokens, "loss_mask": loss_mask}, jax.random.PRNGKey(0))
+        def nll(params, tokens, loss_masks):
+            """Summed NLL and token count under each of the masks [R, B, L]; the forward does not depend on the
+            mask, so vmap over the masks runs it once."""
+            terms = jax.vmap(lambda mask: family.likelihood_terms(params, {"tokens": tokens, "loss_mask": mask},
+                                                                  jax.random.PRNGKey(0)))(loss_masks)
             return terms["nll_sum"], terms["num_tokens"]
 
         self._nll = jax.jit(nll)
@@ -91,8 +94,8 @@ class Judge:
                     tokens[i, : len(r)] = r
                     masks["span"][i, : len(r)] = span_mask(r, eos)
                     masks["no_eos"][i, : len(r)] = r != eos
-                for rule, mask in masks.items():
-                    s, c = jax.device_get(self._nll(self.params, tokens, mask))
+                nll_sums, counts = jax.device_get(self._nll(self.params, tokens, np.stack(list(masks.values()))))
+                for rule, s, c in zip(masks, nll_sums, counts, strict=True):
                     sums[rule][0] += float(s)
                     sums[rule][1] += float(c)
         (nll, count), (nll_no_eos, count_no_eos) = sums["span"], sums["no_eos"]

@@ -21,18 +21,25 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dlm_jax.sampling.loop import SamplerState, SampleSpec, init_state, option
-from dlm_jax.sampling.masked import RUNNERS, TIME_GRIDS, MaskedSampling, initial_cache, inner_rule, reverse_steps
+from dlm_jax.sampling.loop import SamplerState, SampleSpec, init_state
+from dlm_jax.sampling.masked import (
+    MaskedSampling,
+    initial_cache,
+    inner_option,
+    inner_rule,
+    reverse_steps,
+    time_grid_option,
+    unmask_schedule_option,
+)
 
 Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockOptions:
-    inner: str = option("ancestral", "the masked rule run inside each block", RUNNERS)
-    unmask_schedule: str = option("linear", "topk_confidence inside: how many tokens stay masked per step",
-                                  ("linear", "cosine"))
-    time_grid: str = option("linear", "reverse-step times inside a block: linear or MD4's cosine grid", TIME_GRIDS)
+    inner: str = inner_option()
+    unmask_schedule: str = unmask_schedule_option()
+    time_grid: str = time_grid_option()
 
 
 # decode_fn(tokens [N, Lq], t [N], cache, index) -> (logits [N, Lq, V], cache with the queries' K/V at index)

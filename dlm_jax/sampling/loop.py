@@ -53,7 +53,8 @@ def describe_options(sampler: str, options_cls: type) -> str:
     lines = [f"{sampler} options (--sampler.KEY=VALUE):"]
     for f in fields:
         choices = f" (one of {', '.join(map(str, f.metadata['choices']))})" if f.metadata.get("choices") else ""
-        lines.append(f"  --sampler.{f.name}={f.default!s:<12} {f.metadata.get('doc', '')}{choices}")
+        left = f"--sampler.{f.name}={f.default}"
+        lines.append(f"  {left:<34} {f.metadata.get('doc', '')}{choices}")
     return "\n".join(lines)
 
 

@@ -48,28 +48,40 @@ LogitsFn = Callable[[Array, Array], Array]  # (z [N, L], t [N]) -> logits [N, L,
 Runner = Callable[[LogitsFn, SamplerState, Array, int], SamplerState]
 RUNNERS = ("ancestral", "cached", "first_hitting", "topk_confidence")
 TIME_GRIDS = ("linear", "cosine")
+UNMASK_SCHEDULES = ("linear", "cosine")
+
+
+# The options the masked rules share: one definition each, used by every options class that has them (a Field
+# object cannot be shared between dataclasses, hence functions).
+def inner_option() -> str:
+    return option("ancestral", "the masked rule run inside each block", RUNNERS)
+
+
+def unmask_schedule_option() -> str:
+    return option("linear", "topk_confidence: how many tokens stay masked after each step", UNMASK_SCHEDULES)
+
+
+def time_grid_option() -> str:
+    return option("linear", "ancestral / cached: reverse-step times, linear or MD4's cosine grid (small steps near "
+                  "t = 1)", TIME_GRIDS)
 
 
 @dataclasses.dataclass(frozen=True)
 class AncestralOptions:
-    time_grid: str = option("linear", "reverse-step times: linear, or MD4's cosine grid (small steps near t = 1)",
-                            TIME_GRIDS)
-
+    time_grid: str = time_grid_option()
 
 
 @dataclasses.dataclass(frozen=True)
 class TopkOptions:
-    unmask_schedule: str = option("linear", "how many tokens stay masked after each step", ("linear", "cosine"))
+    unmask_schedule: str = unmask_schedule_option()
 
 
 @dataclasses.dataclass(frozen=True)
 class SemiAROptions:
     block_length: int = option(0, "tokens per block (0: 16, or the whole length if shorter)")
-    inner: str = option("ancestral", "the rule run inside each block", RUNNERS)
-    unmask_schedule: str = option("linear", "topk_confidence inside: how many tokens stay masked per step",
-                                  ("linear", "cosine"))
-    time_grid: str = option("linear", "reverse-step times: linear, or MD4's cosine grid (small steps near t = 1)",
-                            TIME_GRIDS)
+    inner: str = inner_option()
+    unmask_schedule: str = unmask_schedule_option()
+    time_grid: str = time_grid_option()
 
 
 # -- the two halves of a masked step -------------------------------------------------------------
