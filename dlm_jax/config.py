@@ -44,7 +44,7 @@ def common_config() -> ml_collections.ConfigDict:
     c.model.scan_layers = True
     c.model.remat = "none"  # none | full | dots
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
-    c.model.attention_impl = "auto"  # auto | xla | pallas | pallas_interpret (kernels/attention.py)
+    c.model.attention_impl = "auto"  # auto | xla | pallas | cudnn | pallas_interpret (kernels/attention.py)
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "python_stdlib"  # python_stdlib | text_files | tfds | hf | array_record

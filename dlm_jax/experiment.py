@@ -53,8 +53,12 @@ class Experiment:
 def build_experiment(config: ml_collections.ConfigDict, devices: list | None = None) -> Experiment:
     """Validates `config` and builds everything for it (on `devices`, default all); loads frozen components."""
     families.validate(config)
-    if config.model.attention_impl == "pallas" and jax.default_backend() == "cpu":
+    impl, backend = config.model.attention_impl, jax.default_backend()
+    if impl == "pallas" and backend == "cpu":
         raise UserError("model.attention_impl='pallas' needs a GPU or TPU; use xla or pallas_interpret on CPU")
+    if impl == "cudnn" and (backend != "gpu" or config.model.dtype != "bfloat16"):
+        raise UserError(f"model.attention_impl='cudnn' needs an NVIDIA GPU and model.dtype=bfloat16 (backend "
+                        f"{backend}, dtype {config.model.dtype}); use attention_impl=auto")
     tokenizer = tokenizers.get_tokenizer(config.data)
     mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_divisibility(config, mesh)

@@ -93,6 +93,26 @@ def test_kv_ranges_cover_mask_and_skip(mode, block_size, length, tile):
     assert visited_total < mask.shape[0] * mask.shape[1] / 2 + length * tile  # about the mask's density
 
 
+@pytest.mark.parametrize("mode,block_size,length,tile", [("full", 1, 40, 16), ("causal", 1, 40, 16),
+                                                         ("block_causal", 6, 40, 16), ("bd3_train", 3, 36, 16),
+                                                         ("bd3_train", 4, 64, 8), ("bd3_train", 8, 64, 16)])
+def test_q_ranges_cover_mask_and_skip(mode, block_size, length, tile):
+    """Every query that may see a key of a KV tile lies in the tile's query ranges (the backward's dk / dv loop)."""
+    mask = np.asarray(np.broadcast_to(
+        True if (m := reference.attention_bias_mask(mode, length, length, block_size)) is None else m,
+        (length, length)))
+    visited_total = 0
+    for k_lo in range(0, length, tile):
+        k_hi = min(k_lo + tile, length)
+        ranges = pallas_attention._q_ranges(mode, jnp.int32(k_lo), jnp.int32(k_hi), block_size, length)
+        covered = np.zeros(length, bool)
+        for lo, hi in ranges:
+            covered[int(lo):max(int(lo), int(hi))] = True
+        assert not np.any(mask[:, k_lo:k_hi] & ~covered[:, None]), (k_lo, ranges)
+        visited_total += covered.sum()
+    assert visited_total <= mask.sum() + 2 * length * tile  # about the mask's density
+
+
 # ---------------------------------------------------------------------------------------------------- flash
 
 
@@ -122,16 +142,35 @@ def test_flash_shapes(mode, block_size, shape, block_q, block_k):
     _assert_close(out, ref_attention(q, k, v, mode, block_size), jnp.float32)
 
 
-@pytest.mark.parametrize("mode,block_size", [("bd3_train", 4), ("causal", 1)])
+def _grads(fn, q, k, v, w):
+    return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * w), argnums=(0, 1, 2)))(
+        q, k, v)
+
+
+@pytest.mark.parametrize("mode,block_size", MODES)
 def test_flash_gradients_match_reference(mode, block_size):
+    """The Pallas backward (dq and dk/dv kernels) through the dispatcher, as training calls it."""
     q, k, v = _qkv(2, 24, 2, 8, seed=7)
     w = _rand(q.shape, 11)
+    got = _grads(lambda q, k, v: attention_lib.attention(q, k, v, mode, "pallas_interpret", block_size), q, k, v, w)
+    want = _grads(lambda q, k, v: ref_attention(q, k, v, mode, block_size), q, k, v, w)
+    for g, r in zip(got, want, strict=True):
+        _assert_close(g, r, jnp.float32)
 
-    def grads(fn):
-        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * w), argnums=(0, 1, 2)))(q, k, v)
 
-    got = grads(lambda q, k, v: attention_lib.attention(q, k, v, mode, "pallas_interpret", block_size))
-    want = grads(lambda q, k, v: ref_attention(q, k, v, mode, block_size))
+@pytest.mark.parametrize("mode,block_size,shape,bwd_block", [
+    ("bd3_train", 3, (1, 36, 2, 24), 16),  # blocks straddle tiles and the halves; rows, keys and D padded
+    ("block_causal", 6, (2, 40, 1, 8), 16),
+    ("causal", 1, (1, 40, 2, 8), 32),
+    ("full", 1, (1, 24, 2, 16, 40), 16),  # cross-attention lengths (q 24, kv 40)
+])
+def test_flash_backward_shapes(mode, block_size, shape, bwd_block):
+    """Several dq / dk-dv tiles, padding everywhere, backward tiles unlike the forward's."""
+    q, k, v = _qkv(*shape[:4], seed=5, kv_length=shape[4] if len(shape) > 4 else None)
+    w = _rand(q.shape, 9)
+    got = _grads(lambda q, k, v: pallas_attention.flash_attention(q, k, v, mode, block_size, 32, 16, bwd_block,
+                                                                  interpret=True), q, k, v, w)
+    want = _grads(lambda q, k, v: ref_attention(q, k, v, mode, block_size), q, k, v, w)
     for g, r in zip(got, want, strict=True):
         _assert_close(g, r, jnp.float32)
 
@@ -139,16 +178,17 @@ def test_flash_gradients_match_reference(mode, block_size):
 # ---------------------------------------------------------------------------------------------------- cached
 
 
-@pytest.mark.parametrize("block_mask_mode,block_len,max_len,dtype", [
-    ("causal", 1, 64, jnp.float32),  # Lb = 1 (AR decoding)
-    ("full", 5, 50, jnp.float32), ("causal", 5, 50, jnp.float32),  # Lb > 1, block and cache padded
-    ("full", 4, 48, jnp.bfloat16),
+@pytest.mark.parametrize("block_mask_mode,block_len,max_len,dtype,splits", [
+    ("causal", 1, 64, jnp.float32, 1),  # Lb = 1 (AR decoding)
+    ("causal", 1, 64, jnp.float32, 3),  # 4 tiles over 3 splits: 2 + 2, the third split empty
+    ("full", 5, 50, jnp.float32, 2), ("causal", 5, 50, jnp.float32, 4),  # Lb > 1, block and cache padded
+    ("full", 4, 48, jnp.bfloat16, None),  # splits chosen for the device
 ])
-def test_cached_matches_reference(block_mask_mode, block_len, max_len, dtype):
+def test_cached_matches_reference(block_mask_mode, block_len, max_len, dtype, splits):
     q, k, v = _qkv(2, block_len, 2, 8, dtype, seed=13)
     k_cache, v_cache = _rand((2, max_len, 2, 8), 17, dtype), _rand((2, max_len, 2, 8), 19, dtype)
     kernel = jax.jit(functools.partial(pallas_attention.cached_attention, block_mask_mode=block_mask_mode,
-                                       block_k=16, interpret=True))
+                                       block_k=16, num_splits=splits, interpret=True))
     for n in (0, max_len // 2 + 1, max_len):  # empty cache, a partial tile, full cache: one compile (n is traced)
         want = ref_cached(q, k, v, k_cache, v_cache, jnp.int32(n), block_mask_mode)
         _assert_close(kernel(q, k, v, k_cache, v_cache, jnp.int32(n)), want, dtype)
@@ -221,6 +261,48 @@ def test_dispatcher_resolves_and_rejects():
         attention_lib.cached_attention(q, k, v, k, v, 0, block_mask_mode="block_causal")
 
 
+def test_auto_table_is_well_formed():
+    """Every AUTO entry names a real backend op, mask mode and concrete impl, in increasing length."""
+    for (backend, op), modes in attention_lib.AUTO.items():
+        assert backend in ("gpu", "tpu") and op in ("attention", "cached")
+        for mode, entries in modes.items():
+            assert mode in (reference.MASK_MODES if op == "attention" else reference.BLOCK_MASK_MODES)
+            assert [t for t, _ in entries] == sorted({t for t, _ in entries})
+            assert all(impl in ("xla", "pallas", "cudnn") for _, impl in entries)
+            assert op == "attention" or all(impl != "cudnn" for _, impl in entries)
+
+
+def test_auto_follows_the_measured_table(monkeypatch):
+    """`auto` picks what AUTO lists for (backend, op, mode) at or above its length for 16-bit inputs (the timed
+    dtype; float32 stays on xla); explicit choices are kept or refused with a reason."""
+    monkeypatch.setattr(attention_lib.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention_lib, "AUTO", {
+        ("gpu", "attention"): {"causal": [(512, "pallas"), (2048, "cudnn")], "bd3_train": [(1024, "pallas")]},
+        ("gpu", "cached"): {"full": [(1024, "pallas")]}})
+    resolve = attention_lib.resolve_impl
+    assert resolve("auto", "attention", "causal", 4096, jnp.bfloat16) == "cudnn"
+    assert resolve("auto", "attention", "causal", 4096, jnp.float32) == "xla"  # timed in bf16 only
+    assert resolve("auto", "attention", "causal", 1024) == "pallas"
+    assert resolve("auto", "attention", "causal", 256) == "xla"
+    assert resolve("auto", "attention", "bd3_train", 1024) == "pallas"
+    assert resolve("auto", "attention", "full", 8192) == "xla"  # mode not listed
+    assert resolve("auto", "attention", "bd3_train", 512) == "xla"
+    assert resolve("auto", "cached", "full", 1024) == "pallas"
+    assert resolve("auto", "cached", "causal", 8192) == "xla"
+    assert resolve("cudnn", "cached", "full", 4096) == "pallas"  # cached decoding has no cuDNN path: auto
+    assert resolve("auto", "cached", "full", 4096, jnp.float32) == "xla"
+    assert resolve("xla", "attention", "causal", 8192) == "xla"
+    with pytest.raises(ValueError, match="bfloat16"):
+        resolve("cudnn", "attention", "causal", 8192, jnp.float32)
+    monkeypatch.setattr(attention_lib.jax, "default_backend", lambda: "tpu")
+    assert resolve("auto", "attention", "causal", 8192) == "xla"  # other backends have their own entries
+    with pytest.raises(ValueError, match="NVIDIA"):
+        resolve("cudnn", "attention", "causal", 8192)
+    monkeypatch.setattr(attention_lib.jax, "default_backend", lambda: "cpu")
+    with pytest.raises(ValueError, match="needs a GPU"):
+        resolve("cudnn")
+
+
 def test_dispatcher_impls_agree():
     q, k, v = _qkv(2, 16, 2, 16, seed=37)
     run = jax.jit(attention_lib.attention, static_argnums=(3, 4, 5))
@@ -239,7 +321,10 @@ def test_lowers_for_gpu_and_tpu():
     cache = [jax.ShapeDtypeStruct((2, 1000, 2, 64), jnp.bfloat16)] * 2 + [jax.ShapeDtypeStruct((), jnp.int32)]
     lowered = [
         ("cuda", lambda q, k, v: pallas_attention.flash_attention(q, k, v, "bd3_train", 16), seq),
-        ("cuda", functools.partial(pallas_attention.cached_attention, block_mask_mode="causal"), block + cache),
+        *[("cuda", jax.grad(lambda q, k, v, m=m, b=b: jnp.sum(pallas_attention.flash_attention(q, k, v, m, b)),
+                            argnums=(0, 1, 2)), seq) for m, b in MODES],
+        ("cuda", functools.partial(pallas_attention.cached_attention, block_mask_mode="causal", num_splits=4),
+         block + cache),
         ("tpu", lambda q, k, v: pallas_attention.splash_attention(q, k, v, "bd3_train", 16), seq),
     ]
     for platform, fn, args in lowered:
@@ -268,14 +353,62 @@ def test_transformer_through_pallas_interpret():
     _assert_close(logits("pallas_interpret"), logits("xla"), jnp.float32)
 
 
+# On the GPU, float32 dots may run as TF32 (Triton's and XLA's default), so the float32 bound is the TF32 one; the
+# reference runs at the highest precision. A wrong mask or tile shows up as an error of order 1.
+GPU_RTOL = {jnp.float32: 5e-3, jnp.bfloat16: 2e-2}
+
+
+def _assert_close_gpu(out, ref, dtype):
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert np.all(np.isfinite(out))
+    err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    assert err < GPU_RTOL[dtype], err
+
+
+@pytest.mark.gpu_only
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("mode,block_size", [*MODES, ("block_causal", 16), ("bd3_train", 16)])
+def test_pallas_gpu_attention_matches_reference(mode, block_size, dtype):
+    """The compiled (not interpreted) flash kernels on a real GPU: forward and the backward's dq, dk, dv."""
+    q, k, v = _qkv(2, 200, 4, 64, dtype)  # 200: padded rows and keys in the last tile
+    w = _rand(q.shape, 3)
+    got = jax.jit(lambda q, k, v: attention_lib.attention(q, k, v, mode, "pallas", block_size))(q, k, v)
+    got_grads = _grads(lambda q, k, v: attention_lib.attention(q, k, v, mode, "pallas", block_size), q, k, v, w)
+    with jax.default_matmul_precision("highest"):
+        want = jax.jit(lambda q, k, v: reference.attention(q, k, v, mode, block_size))(q, k, v)
+        want_grads = _grads(lambda q, k, v: reference.attention(q, k, v, mode, block_size), q, k, v, w)
+    _assert_close_gpu(got, want, dtype)
+    for g, r in zip(got_grads, want_grads, strict=True):
+        _assert_close_gpu(g, r, dtype)
+
+
 @pytest.mark.gpu_only
 @pytest.mark.parametrize("mode,block_size", MODES)
-def test_pallas_gpu_kernels_match_reference(mode, block_size):
-    """The compiled (not interpreted) Pallas kernels on a real GPU: training attention and cached attention."""
-    q, k, v = _qkv(2, 256, 4, 64, jnp.bfloat16)
-    out = attention_lib.attention(q, k, v, mode, impl="pallas", block_size=block_size)
-    _assert_close(out, ref_attention(q, k, v, mode, block_size), jnp.bfloat16)
-    qb, kb, vb = _qkv(2, 16, 4, 64, jnp.bfloat16, seed=7)
-    kc, vc = _qkv(2, 256, 4, 64, jnp.bfloat16, seed=9)[1:]
-    out = attention_lib.cached_attention(qb, kb, vb, kc, vc, jnp.asarray(100), impl="pallas")
-    _assert_close(out, ref_cached(qb, kb, vb, kc, vc, jnp.asarray(100), "full"), jnp.bfloat16)
+def test_cudnn_attention_matches_reference(mode, block_size):
+    """impl=cudnn (bf16): our masks through jax.nn.dot_product_attention on cuDNN, forward and gradients."""
+    q, k, v = _qkv(2, 256, 4, 64, jnp.bfloat16, seed=5)
+    w = _rand(q.shape, 6)
+    got = jax.jit(lambda q, k, v: attention_lib.attention(q, k, v, mode, "cudnn", block_size))(q, k, v)
+    got_grads = _grads(lambda q, k, v: attention_lib.attention(q, k, v, mode, "cudnn", block_size), q, k, v, w)
+    with jax.default_matmul_precision("highest"):
+        want = jax.jit(lambda q, k, v: reference.attention(q, k, v, mode, block_size))(q, k, v)
+        want_grads = _grads(lambda q, k, v: reference.attention(q, k, v, mode, block_size), q, k, v, w)
+    _assert_close_gpu(got, want, jnp.bfloat16)
+    for g, r in zip(got_grads, want_grads, strict=True):
+        _assert_close_gpu(g, r, jnp.bfloat16)
+
+
+@pytest.mark.gpu_only
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("block_mask_mode,block_len", [("full", 16), ("causal", 16), ("causal", 1)])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_pallas_gpu_cached_matches_reference(block_mask_mode, block_len, dtype, batch):
+    """The compiled split-KV cached kernel: cache length 0, partial (not a tile multiple) and full."""
+    q, k, v = _qkv(batch, block_len, 4, 64, dtype, seed=7)
+    k_cache, v_cache = _rand((batch, 1024, 4, 64), 9, dtype), _rand((batch, 1024, 4, 64), 10, dtype)
+    kernel = jax.jit(lambda *a: attention_lib.cached_attention(*a, block_mask_mode=block_mask_mode, impl="pallas"))
+    for n in (0, 300, 1024):
+        got = kernel(q, k, v, k_cache, v_cache, jnp.int32(n))
+        with jax.default_matmul_precision("highest"):
+            want = ref_cached(q, k, v, k_cache, v_cache, jnp.int32(n), block_mask_mode)
+        _assert_close_gpu(got, want, dtype)

@@ -16,6 +16,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
 SCRIPTS = ["tpu_pod.sh", "gpu_slurm.sh", "gpu_ssh.sh", "local.sh"]
+GPU_CHECK = os.path.join(ROOT, "benchmarks", "gpu_check.sh")  # the GPU check (benchmarks/, run on a GPU host)
 TRAIN = ["dlm-jax", "train", "--config=configs/mdlm_owt.py", "--workdir=gs://bucket/mdlm_owt"]
 
 
@@ -65,9 +66,17 @@ def test_bash_syntax(script):
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_shellcheck():
-    proc = subprocess.run(["shellcheck", "-x", *[os.path.join(LAUNCH, s) for s in SCRIPTS]], cwd=ROOT,
+    proc = subprocess.run(["shellcheck", "-x", *[os.path.join(LAUNCH, s) for s in SCRIPTS], GPU_CHECK], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("args", [[], ["out", "--bogus"], ["out", "--data"]])
+def test_gpu_check_usage(args, tmp_path):
+    """Without a results folder or with an unknown flag the GPU check says how to call it and does nothing."""
+    proc = subprocess.run(["bash", GPU_CHECK, *args], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage: benchmarks/gpu_check.sh RESULTS_DIR" in proc.stderr
+    assert not os.listdir(tmp_path)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
