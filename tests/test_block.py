@@ -107,12 +107,30 @@ def test_fast_dllm_caches_fill_blocks_and_reduce_to_the_exact_sampler_with_one_b
     for sampler in ("prefix_cache", "dual_cache"):
         tokens, _ = _sample(fam, params, sampler, template, 16, block_length=4)
         assert not (tokens == MASK).any() and (tokens[:, :2] == [2, 7]).all()
-    # one block: no prefix, no suffix, nothing stale -> exactly semi_ar with one block (plus the refresh forward)
+    # one block: no prefix, no suffix, nothing stale -> exactly semi_ar with one block, in as many forwards (the
+    # refresh forward is the first step)
     exact, nfe_exact = _sample(fam, params, "semi_ar", template, 8, block_length=16)
     for sampler in ("prefix_cache", "dual_cache"):
         tokens, nfe = _sample(fam, params, sampler, template, 8, block_length=16)
         np.testing.assert_array_equal(tokens, exact)
-        assert nfe == nfe_exact + 1
+        assert nfe == nfe_exact
+
+
+@pytest.mark.parametrize("inner", ["ancestral", "cached", "topk_confidence", "first_hitting"])
+def test_fast_dllm_refresh_forward_is_the_first_step(inner):
+    """Per block: the refresh forward + (steps - 1) forwards, the count of exact semi-AR decoding (top-k commits
+    every token by the last step, so no argmax pass; first-hitting runs one forward per token either way)."""
+    _, fam, _, params = _model("mdlm", block_size=1)
+    template = np.full(16, -1, np.int32)
+    _, nfe_exact = _sample(fam, params, "semi_ar", template, 16, block_length=4, inner="topk_confidence")
+    assert nfe_exact == 16
+    for sampler in ("prefix_cache", "dual_cache"):
+        tokens, nfe = _sample(fam, params, sampler, template, 16, block_length=4, inner=inner)
+        assert not (tokens == MASK).any()
+        if inner in ("topk_confidence", "first_hitting"):
+            assert nfe == 4 + 16 - 4  # 4 refreshes + 16 steps or tokens, of which 4 (one per block) were refreshes
+        else:  # ancestral / cached: at most steps per block, + an argmax pass where [MASK]s are left
+            assert nfe <= 4 * 4 + 4
 
 
 def test_block_config_errors():

@@ -5,9 +5,10 @@
                  K/V (exact: the block-causal model never lets a clean block see later ones)
   block_nocache  the same draws, each step a full forward with the block-causal mask (tokens identical)
   prefix_cache   Fast-dLLM prefix cache for a full-attention MDLM: once per block a full forward fills the
-                 cache; then the block and everything after it are recomputed against the cached prefix
+                 cache (its logits are the block's first step); then the block and everything after it are
+                 recomputed against the cached prefix
   dual_cache     Fast-dLLM dual cache: only the block is recomputed, against the cached prefix and the cached
-                 (stale until the next block) suffix
+                 (stale until the next block) suffix; the refresh forward is the first step here too
 The outer loop is a `lax.scan` over blocks for the exact cache; the approximate caches change their query
 shapes per block, so their blocks are unrolled at trace time (one compiled program, a `lax.scan` per block).
 """
@@ -103,7 +104,8 @@ def approx_cache_sample(decode_fn: DecodeFn, init_cache: Callable[[int], Any], r
     state = init_state(jnp.broadcast_to(template.astype(jnp.int32), (n, length)), rng)
     for b in range(num_blocks):  # trace-time unroll: query shapes differ per block
         start, end = b * block_size, (b + 1) * block_size
-        _, cache = decode_fn(state.tokens, jnp.ones((n,)), init_cache(length), 0)  # refresh: fill the whole cache
+        # refresh: one full forward fills the whole cache; its logits are also the block's first step
+        refreshed, cache = decode_fn(state.tokens, jnp.ones((n,)), init_cache(length), 0)
         state = state.replace(nfe=state.nfe + 1)
         if dual:  # keys: cached prefix + cached (stale) suffix, plus the block itself
             others = jax.tree.map(lambda c, s=start, e=end: jnp.concatenate([c[:, :, :s], c[:, :, e:]], axis=2), cache)
@@ -121,7 +123,8 @@ def approx_cache_sample(decode_fn: DecodeFn, init_cache: Callable[[int], Any], r
         rule = inner_rule(ms.spec)
         inner = init_state(window, state.rng, initial_cache(rule, n, window.shape[1], ms.mask_id + 1))
         inner = inner.replace(step=state.step, nfe=state.nfe)
-        inner = getattr(ms, rule)(logits_fn, inner, active, reverse_steps(rule, steps))
+        inner = getattr(ms, rule)(logits_fn, inner, active, reverse_steps(rule, steps),
+                                  primed=refreshed[:, start:window_end])
         inner = ms.final_argmax(logits_fn, inner, active)
         done = jnp.where(active, inner.tokens, window)
         state = state.replace(tokens=state.tokens.at[:, start:window_end].set(done), rng=inner.rng, step=inner.step,

@@ -135,6 +135,16 @@ class MaskedSampling:
         """SUBS logits of x_0 given z_t; t is a scalar or per-sample [N]."""
         return subs_logits(logits_fn(tokens, jnp.broadcast_to(t, (tokens.shape[0],))), self.mask_id)
 
+    def first_or_predict(self, logits_fn: LogitsFn, tokens: Array, t: Array, primed: Array | None,
+                         first: Array) -> tuple[Array, Array]:
+        """(SUBS logits, forwards run): on the first step of a primed run the logits of the starting tokens that
+        the caller computed already (Fast-dLLM's cache refresh: a t-agnostic model), else `predict`."""
+        if primed is None:
+            return self.predict(logits_fn, tokens, t), jnp.int32(1)
+        logits = jax.lax.cond(first, lambda: subs_logits(primed, self.mask_id),
+                              lambda: self.predict(logits_fn, tokens, t))
+        return logits, (~first).astype(jnp.int32)
+
     def grid(self, i: Array, steps: int) -> tuple[Array, Array]:
         """Times (t, s) of reverse step i of `steps` on the grid 1 -> eps: linear, or cosine (MD4, Shi et al.
         2024): the linear grid's fraction u in [0, 1] mapped to cos(pi/2 (1 - u)), then scaled into [eps, 1]."""
@@ -156,19 +166,26 @@ class MaskedSampling:
         return state.replace(tokens=jnp.where(commit, x0, state.tokens), rng=rng, step=state.step + 1)
 
     # -- runners -------------------------------------------------------------------------------
-    def ancestral(self, logits_fn: LogitsFn, state: SamplerState, active: Array, steps: int) -> SamplerState:
+    # Each runner(logits_fn, state, active, steps, primed=None) denoises the active [MASK]s of state.tokens;
+    # `primed` ([N, L, V] raw logits of state.tokens, computed by the caller) replaces the first forward.
+    def ancestral(self, logits_fn: LogitsFn, state: SamplerState, active: Array, steps: int,
+                  primed: Array | None = None) -> SamplerState:
         def step(st: SamplerState, i: Array) -> SamplerState:
             t, s = self.grid(i, steps)
-            st = self.ancestral_update(st, self.predict(logits_fn, st.tokens, t), t, s, active)
-            return st.replace(nfe=st.nfe + 1)
+            logits, forwards = self.first_or_predict(logits_fn, st.tokens, t, primed, i == 0)
+            st = self.ancestral_update(st, logits, t, s, active)
+            return st.replace(nfe=st.nfe + forwards)
 
         return run_scan(step, state, steps)
 
-    def cached(self, logits_fn: LogitsFn, state: SamplerState, active: Array, steps: int) -> SamplerState:
+    def cached(self, logits_fn: LogitsFn, state: SamplerState, active: Array, steps: int,
+               primed: Array | None = None) -> SamplerState:
         """Ancestral with the last prediction reused while the tokens are unchanged (needs a t-agnostic model).
 
         state.cache = {"logits": [N, L, V], "stale": bool}: stale when the tokens changed since `logits`.
         """
+        if primed is not None:
+            state = state.replace(cache={"logits": subs_logits(primed, self.mask_id), "stale": jnp.asarray(False)})
 
         def step(st: SamplerState, i: Array) -> SamplerState:
             t, s = self.grid(i, steps)
@@ -181,13 +198,15 @@ class MaskedSampling:
 
         return run_scan(step, state, steps)
 
-    def first_hitting(self, logits_fn: LogitsFn, state: SamplerState, active: Array, steps: int) -> SamplerState:
+    def first_hitting(self, logits_fn: LogitsFn, state: SamplerState, active: Array, steps: int,
+                      primed: Array | None = None) -> SamplerState:
         """One token per forward, at the first-hitting time of n masked tokens: 1 - alpha_s = (1 - alpha_t) u^(1/n).
 
         `steps` is not used: the loop runs until no active [MASK] is left. state.cache = per-sample t [N].
         """
         del steps
         n_samples = state.tokens.shape[0]
+        first_step = state.step
 
         def step(st: SamplerState) -> SamplerState:
             rng, rng_u, rng_pos, rng_x0 = jax.random.split(st.rng, 4)
@@ -197,15 +216,17 @@ class MaskedSampling:
             u = jax.random.uniform(rng_u, (n_samples,), minval=1e-12)
             mask_rate = (1.0 - self.schedule.alpha(t)) * u ** (1.0 / jnp.maximum(n, 1))
             s = self.schedule.time_at_mask_rate(mask_rate)
-            x0 = self.propose(rng_x0, self.predict(logits_fn, st.tokens, s), st.tokens, s)
+            logits, forwards = self.first_or_predict(logits_fn, st.tokens, s, primed, st.step == first_step)
+            x0 = self.propose(rng_x0, logits, st.tokens, s)
             chosen = first_hitting_commit(rng_pos, todo)
-            return st.replace(tokens=jnp.where(chosen, x0, st.tokens), rng=rng, step=st.step + 1, nfe=st.nfe + 1,
-                              cache=jnp.where(n > 0, s, t))
+            return st.replace(tokens=jnp.where(chosen, x0, st.tokens), rng=rng, step=st.step + 1,
+                              nfe=st.nfe + forwards, cache=jnp.where(n > 0, s, t))
 
         state = state.replace(cache=jnp.ones((n_samples,), jnp.float32))
         return run_while(step, state, lambda st: jnp.any(self.todo(st.tokens, active)))
 
-    def topk_confidence(self, logits_fn: LogitsFn, state: SamplerState, active: Array, steps: int) -> SamplerState:
+    def topk_confidence(self, logits_fn: LogitsFn, state: SamplerState, active: Array, steps: int,
+                        primed: Array | None = None) -> SamplerState:
         """Per step, commit the k most confident predictions (prob of the drawn token); k keeps
         floor(m0 * f(i+1)) tokens masked, f linear (1 - r) or cosine (cos(pi r / 2)), so all are done at the end."""
         m0 = self.todo(state.tokens, active).sum(-1)  # [N]
@@ -221,10 +242,11 @@ class MaskedSampling:
             keep_masked = jnp.where(i == steps - 1, 0, keep_masked)
             k = todo.sum(-1) - keep_masked  # [N]
             t = 1.0 - i / steps
-            logits = self.predict(logits_fn, st.tokens, t)
+            logits, forwards = self.first_or_predict(logits_fn, st.tokens, t, primed, i == 0)
             x0 = self.propose(rng_x0, logits, st.tokens, t)
             commit = topk_commit(draw_confidence(logits, x0), todo, k)
-            return st.replace(tokens=jnp.where(commit, x0, st.tokens), rng=rng, step=st.step + 1, nfe=st.nfe + 1)
+            return st.replace(tokens=jnp.where(commit, x0, st.tokens), rng=rng, step=st.step + 1,
+                              nfe=st.nfe + forwards)
 
         return run_scan(step, state, steps)
 
