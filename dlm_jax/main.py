@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="draw samples from the latest checkpoint (last line: JSON)")
     p.add_argument("--workdir", required=True)
     p.add_argument("--sampler", default=None, help="sampler name (default: the family's first)")
-    p.add_argument("--steps", type=int, default=None, help="diffusion steps T (ignored by AR)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoiser forwards T, the final argmax pass included (README: step convention; not AR)")
     p.add_argument("--output", default=None, help="JSONL file of the samples (default: WORKDIR/samples/...)")
     _add_sampling_args(p)
     p = sub.add_parser("compile", help="lower + compile the train step for a mesh on fake CPU devices; memory")

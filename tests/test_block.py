@@ -44,7 +44,7 @@ def test_block_size_L_is_mdlm():
     want = masked.nelbo_terms_at(lambda z, t: model.apply({"params": params}, z, mask_mode="full"), x0, mask,
                                  rates[:, 0], rng, MaskSchedule("linear"), 0, MASK)
     np.testing.assert_allclose(got["nll_sum"], want["nll_sum"], rtol=1e-5)
-    np.testing.assert_allclose(got["per_sequence"].sum(), want["nll_sum"], rtol=1e-5)
+    np.testing.assert_allclose(got["per_block"].sum(), want["nll_sum"] / 16, rtol=1e-5)  # per loss token
 
 
 def test_block_size_1_is_autoregressive():
@@ -74,6 +74,29 @@ def test_clipped_antithetic_rates_cover_the_interval():
     rates = np.sort(np.asarray(block.block_mask_rates(jax.random.PRNGKey(0), 4, 8, 0.45, 0.95)).ravel())
     assert rates.min() >= 0.45 and rates.max() <= 0.95
     np.testing.assert_allclose(np.diff(rates), 0.5 / 32, rtol=1e-4)
+
+
+def test_clip_search_grid_is_bd3lms():
+    """(eps, 1), then widths 0.5 .. 0.9 (step 0.05) slid over [0, 1] in steps of 0.05: 11 + 10 + ... + 3 = 63."""
+    grid = block.clip_search_grid(1e-3)
+    assert grid[0] == (1e-3, 1.0) and len(grid) == 64 and len(set(grid)) == 64
+    assert (1e-3, 0.5) in grid and (0.5, 1.0) in grid and (0.45, 0.95) in grid and (0.1, 1.0) in grid
+    widths = sorted({round(o - b, 6) for b, o in grid[1:] if b > 1e-3})
+    assert widths == [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9]
+    assert all(1e-3 <= b < o <= 1.0 for b, o in grid)
+
+
+def test_per_block_losses_and_their_variance():
+    """per_block = each block's weighted loss over its loss tokens; blocks without one are NaN and left out."""
+    x0, mask = _x0(), jnp.ones((2, 16)).at[1, 8:].set(0.0)  # row 1: blocks 2 and 3 are padding
+    rates = jnp.full((2, 4), 0.5)
+    nll = lambda tokens, positions: jnp.zeros(tokens.shape + (VOCAB,))  # noqa: E731 -- uniform logits
+    got = block.nelbo_terms_at(nll, x0, mask, rates, jax.random.PRNGKey(1), MaskSchedule("linear"), 4, MASK)
+    per_block = np.asarray(got["per_block"])
+    assert np.isnan(per_block[1, 2:]).all() and not np.isnan(per_block[:, :2]).any()
+    np.testing.assert_allclose(np.nansum(per_block * 4), got["nll_sum"], rtol=1e-5)  # 4 loss tokens per real block
+    best, variances = block.best_clip({(0.1, 0.9): per_block, (0.3, 0.8): np.zeros_like(per_block)})
+    assert best == (0.3, 0.8) and variances["0.1-0.9"] == pytest.approx(float(np.nanvar(per_block)))
 
 
 def test_variance_search_picks_the_lowest_variance_candidate():
@@ -180,7 +203,7 @@ def test_block_family_through_the_cli(tmp_path):
         "--config.train.eval_every=0", "--config.eval.num_batches=2")
     result = run("eval", f"--workdir={workdir}")
     assert result["metric"] == "nelbo" and 0 < result["nelbo"] < 10
-    assert 0 < result["clip_best_beta"] < result["clip_best_omega"] <= 1 and len(result["clip_variances"]) == 6
+    assert 0 < result["clip_best_beta"] < result["clip_best_omega"] <= 1 and len(result["clip_variances"]) == 64
     stats = run("sample", f"--workdir={workdir}", "--sampler=block", "--steps=8", "--length=16", "--num_samples=2")
     assert stats["sampler"] == "block" and stats["length"] == 16 and stats["nfe"] >= 1
 

@@ -26,8 +26,25 @@ Array = jax.Array
 # (tokens [B, 2L], positions [2L]) -> logits [B, 2L, V+1] under the bd3_train mask
 LogitsFn = Callable[[Array, Array], Array]
 
-# (beta, omega) candidates of the variance-minimizing search (BD3-LM sec. 4.2 grid, plus the full interval)
-CLIP_CANDIDATES = ((1e-3, 1.0), (0.1, 0.9), (0.2, 0.8), (0.3, 0.8), (0.45, 0.95), (0.5, 1.0))
+# BD3-LM's variance-minimizing search (sec. 4.2 and its training scripts): widths omega - beta of 0.5 to 0.9 in
+# steps of CLIP_SEARCH_DELTA, each slid over [0, 1] in steps of CLIP_SEARCH_DELTA, plus the full interval (eps, 1)
+CLIP_SEARCH_WIDTHS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
+CLIP_SEARCH_DELTA = 0.05
+
+
+def clip_search_grid(t_eps: float, widths: tuple[float, ...] = CLIP_SEARCH_WIDTHS,
+                     delta: float = CLIP_SEARCH_DELTA) -> tuple[tuple[float, float], ...]:
+    """The (beta, omega) candidates: (t_eps, 1) first, then for every width w and offset o = 0, delta, ..., 1 - w the
+    interval (max(o, t_eps), o + w); 64 candidates for the default widths (rounded to 1e-6, no duplicates)."""
+    steps = round(1.0 / delta)
+    grid = [(t_eps, 1.0)]
+    for width in widths:
+        span = round(width / delta)
+        for offset in range(steps - span + 1):
+            candidate = (round(max(offset * delta, t_eps), 6), round(min((offset + span) * delta, 1.0), 6))
+            if candidate not in grid:
+                grid.append(candidate)
+    return tuple(grid)
 
 
 def block_mask_rates(rng: Array, batch: int, num_blocks: int, beta: float, omega: float,
@@ -68,8 +85,9 @@ def nelbo_terms_at(logits_fn: LogitsFn, x0: Array, loss_mask: Array, mask_rate: 
                    schedule: MaskSchedule, block_size: int, mask_id: int,
                    resample: tuple[float, float] | None = None) -> dict[str, Array]:
     """Block NELBO terms for given per-block mask rates [B, nb]: weighted masked cross-entropy (nats, summed),
-    num_tokens, and per_sequence [B] (nll_sum of each sequence, for the variance search). resample=(beta, omega):
-    re-draw blocks whose realised masked fraction is outside [beta, omega] (`resample_masks`)."""
+    num_tokens, and per_block [B, nb] (each block's loss per loss token, NaN for a block without one: the variance
+    search's samples). resample=(beta, omega): re-draw blocks whose realised masked fraction is outside
+    [beta, omega] (`resample_masks`)."""
     batch, length = x0.shape
     t = schedule.time_at_mask_rate(mask_rate)  # [B, nb]
     t_tok = jnp.repeat(t, block_size, axis=1)  # [B, L]
@@ -85,8 +103,10 @@ def nelbo_terms_at(logits_fn: LogitsFn, x0: Array, loss_mask: Array, mask_rate: 
     # (-alpha'_t / (1 - alpha_t)) dt = dr / r. The weight is 1/r for every schedule (the schedule only moves t).
     weight = jnp.repeat(1.0 / mask_rate, block_size, axis=1)
     per_token = jnp.where(is_masked, nll, 0.0) * weight * loss_mask
+    block_tokens = loss_mask.reshape(batch, -1, block_size).sum(axis=2)  # [B, nb]
+    block_loss = per_token.reshape(batch, -1, block_size).sum(axis=2) / jnp.maximum(block_tokens, 1.0)
     return {"nll_sum": per_token.sum(), "num_tokens": loss_mask.sum(), "mask_rate": is_masked.mean(),
-            "per_sequence": per_token.sum(axis=1)}
+            "per_block": jnp.where(block_tokens > 0, block_loss, jnp.nan)}
 
 
 def nelbo_terms(logits_fn: LogitsFn, x0: Array, loss_mask: Array, rng: Array, schedule: MaskSchedule,
@@ -100,9 +120,9 @@ def nelbo_terms(logits_fn: LogitsFn, x0: Array, loss_mask: Array, rng: Array, sc
                           (beta, omega) if resample else None)
 
 
-def best_clip(per_sequence: dict[tuple[float, float], np.ndarray]) -> tuple[tuple[float, float], dict[str, float]]:
-    """The (beta, omega) whose per-sequence loss estimates have the smallest variance (BD3-LM's data-driven
-    clipped schedule), and every candidate's variance."""
-    variances = {f"{b:g}-{o:g}": float(np.var(v)) for (b, o), v in per_sequence.items()}
-    best = min(per_sequence, key=lambda c: float(np.var(per_sequence[c])))
-    return best, variances
+def best_clip(per_block: dict[tuple[float, float], np.ndarray]) -> tuple[tuple[float, float], dict[str, float]]:
+    """The (beta, omega) whose per-block loss estimates (NaN: blocks without loss tokens, left out) have the
+    smallest variance (BD3-LM's data-driven clipped schedule), and every candidate's variance."""
+    variance = {c: float(np.nanvar(np.asarray(v, np.float64))) for c, v in per_block.items()}
+    best = min(variance, key=variance.get)
+    return best, {f"{b:g}-{o:g}": v for (b, o), v in variance.items()}

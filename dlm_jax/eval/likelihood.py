@@ -68,7 +68,7 @@ class Evaluator:
         base_rng = jax.random.PRNGKey(self.exp.config.seed + 1)
         sums: dict[str, float] = {}
         batches = 0
-        per_sequence: dict[str, list[np.ndarray]] = {}
+        per_row: dict[str, list[np.ndarray]] = {}
         for i, batch in enumerate(self.dataset):
             if 0 <= num_batches <= i:
                 break
@@ -82,7 +82,7 @@ class Evaluator:
                 more = jax.device_get(self._extras(params, batch, rng, self.exp.frozen))
                 real = more.pop("row_tokens") > 0  # rows that pad the last batch do not count
                 for key, values in more.items():
-                    per_sequence.setdefault(key, []).append(np.asarray(values)[real])
+                    per_row.setdefault(key, []).append(np.asarray(values)[real])
         if self.metric is None:
             if not batches:
                 raise UserError("the val split gave no batches; check data.val_split / data.val_fraction")
@@ -92,6 +92,6 @@ class Evaluator:
                 raise UserError("the val split gave no tokens; check data.val_split / data.val_fraction")
             results = summarize(sums["nll_sum"], sums["num_tokens"], self.exp.tokenizer.is_character_level,
                                 self.metric)
-        if per_sequence:
-            results.update(self.exp.family.eval_summary({k: np.concatenate(v) for k, v in per_sequence.items()}))
+        if per_row:
+            results.update(self.exp.family.eval_summary({k: np.concatenate(v) for k, v in per_row.items()}))
         return {"step": int(step), "metric": self.metric or "loss", **results}

@@ -101,9 +101,9 @@ class Family:
         """{"nll_sum", "num_tokens"} over the batch (pooled across batches by eval); only when metric_name is set."""
         raise NotImplementedError(f"the {self.name} family has no token likelihood")
 
-    # optional eval extras: per-sequence arrays from one val batch (eval_terms), then their summary (eval_summary)
-    eval_terms: ClassVar[Callable[..., Metrics] | None] = None  # (self, params, batch, rng) -> arrays [B]
-    eval_summary: ClassVar[Callable[..., dict[str, Any]] | None] = None  # (self, {key: [N]}) -> results
+    # optional eval extras: per-row arrays from one val batch (eval_terms), then their summary (eval_summary)
+    eval_terms: ClassVar[Callable[..., Metrics] | None] = None  # (self, params, batch, rng) -> arrays [B, ...]
+    eval_summary: ClassVar[Callable[..., dict[str, Any]] | None] = None  # (self, {key: [N, ...]}) -> results
 
     # -- sampling ----------------------------------------------------------------------------------
     @property

@@ -90,18 +90,20 @@ class Block(MaskedFamily):
     def loss_terms(self, params, batch, rng, train):
         beta, omega = (self.section.clip_beta, self.section.clip_omega) if train else (self.section.t_eps, 1.0)
         terms = self._nelbo_terms(params, batch, jax.random.split(rng), beta, omega, train)
-        del terms["per_sequence"]
+        del terms["per_block"]
         return terms
 
     def eval_terms(self, params, batch, rng):
-        """Per-sequence loss estimates under every (beta, omega) candidate (BD3-LM's variance-minimizing search)."""
-        out = {}
-        for beta, omega in block_diffusion.CLIP_CANDIDATES:
-            terms = self._nelbo_terms(params, batch, (rng, rng), beta, omega, train=False)
-            out[f"{beta}:{omega}"] = terms["per_sequence"] / jnp.maximum(batch["loss_mask"].sum(axis=1), 1.0)
-        return out
+        """Per-block loss estimates [B, nb] under every (beta, omega) of BD3-LM's search grid (one `lax.map`)."""
+        grid = block_diffusion.clip_search_grid(self.section.t_eps)
 
-    def eval_summary(self, per_sequence: dict[str, Any]) -> dict[str, Any]:
-        candidates = {tuple(float(x) for x in key.split(":")): v for key, v in per_sequence.items()}
+        def per_block(interval: jax.Array) -> jax.Array:
+            return self._nelbo_terms(params, batch, (rng, rng), interval[0], interval[1], train=False)["per_block"]
+
+        estimates = jax.lax.map(per_block, jnp.asarray(grid, jnp.float32))  # [C, B, nb]
+        return {f"{beta}:{omega}": estimates[i] for i, (beta, omega) in enumerate(grid)}
+
+    def eval_summary(self, per_block: dict[str, Any]) -> dict[str, Any]:
+        candidates = {tuple(float(x) for x in key.split(":")): v for key, v in per_block.items()}
         (beta, omega), variances = block_diffusion.best_clip(candidates)
         return {"clip_best_beta": beta, "clip_best_omega": omega, "clip_variances": variances}
