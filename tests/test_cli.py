@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.helpers import ROOT, small_corpus
@@ -165,6 +166,38 @@ def test_eval_and_sample_on_an_empty_workdir_are_one_line_errors(tmp_path):
     _assert_one_line_error(run("eval", f"--workdir={tmp_path}", check=False), "no config.json")
     _assert_one_line_error(run("sample", f"--workdir={tmp_path}", check=False), "no config.json")
     _assert_one_line_error(run("train", "--config=configs/nope.py", f"--workdir={tmp_path}", check=False), "not found")
+
+
+def test_judge_windows_score_every_token_once_with_half_a_context_before_it():
+    from dlm_jax.eval.genppl import judge_windows
+
+    assert judge_windows(20, 32) == [(0, 20, 0)]  # fits: one window, as before
+    assert judge_windows(80, 32) == [(0, 32, 0), (16, 48, 32), (32, 64, 48), (48, 80, 64)]
+    for length, context in ((80, 32), (33, 32), (100, 7), (64, 32)):
+        scored = np.concatenate([np.arange(max(s, b), e) for b, e, s in judge_windows(length, context)])
+        np.testing.assert_array_equal(scored, np.arange(length))  # each token once, in order
+        assert all(e - b <= context and (s == 0 or s - b >= context // 2) for b, e, s in judge_windows(length, context))
+
+
+def test_gen_ppl_of_rows_longer_than_the_judge_context(workdirs):
+    """A row of 2.5 contexts is scored window by window: the pooled NLL is the sum over windows of the NLL of the
+    tokens each window scores (computed here window by window), every token once."""
+    from dlm_jax.eval.genppl import Judge
+
+    judge = Judge(workdirs["ar"])
+    context = judge.exp.config.data.seq_len
+    row = np.random.default_rng(0).integers(0, 256, 5 * context // 2).astype(np.int32)
+    got = judge.gen_ppl([row])
+    assert got["gen_tokens"] == got["gen_tokens_no_eos"] == len(row) and got["judge_context"] == context
+    want = 0.0
+    for begin, end, scored in [(0, context, 0), (context // 2, 3 * context // 2, context),
+                               (context, 2 * context, 3 * context // 2), (3 * context // 2, len(row), 2 * context)]:
+        mask = (np.arange(begin, end) >= scored).astype(np.float32)[None]
+        nll, count = judge._nll(judge.params, row[None, begin:end], np.stack([mask, mask]))
+        assert int(count[0]) == end - scored
+        want += float(nll[0])
+    assert got["gen_nll"] == pytest.approx(want / len(row), rel=1e-5)
+    assert judge.gen_ppl([row[:context]])["judge_windows"] == 1
 
 
 def test_gen_ppl_rules_and_the_retokenized_path_score_the_same_span(workdirs):

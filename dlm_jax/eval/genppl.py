@@ -6,6 +6,9 @@ Two rules, both pooled over samples (exp(sum of judge NLL / number of scored tok
   gen_ppl_no_eos  every non-EOS token of the row (BD3-LM's convention)
 With a judge of another tokenizer (--retokenize) each stretch between EOS ids is decoded and re-encoded and every
 EOS stays an EOS, so both rules score exactly the same text as with a judge of the sample tokenizer.
+Rows longer than the judge's context C (its data.seq_len) are scored with a sliding window of C tokens moved by
+C / 2: each window scores only the tokens no earlier window scored, so every token is scored once, with at least
+C / 2 tokens of context (`judge_windows`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from dlm_jax.experiment import load_workdir_config, restore_for_inference
 from dlm_jax.train import sharding
 
 GEN_PPL_RULE = "gen_ppl: judge NLL of the tokens up to and including the first EOS (whole row if none), pooled; " \
-               "gen_ppl_no_eos: every non-EOS token of the row, pooled (BD3-LM)"
+               "gen_ppl_no_eos: every non-EOS token of the row, pooled (BD3-LM); rows longer than the judge's " \
+               "context C: sliding window of C, stride C/2, every token scored once"
 
 
 def span_mask(row: np.ndarray, eos_id: int) -> np.ndarray:
@@ -31,6 +35,20 @@ def span_mask(row: np.ndarray, eos_id: int) -> np.ndarray:
     hits = np.flatnonzero(np.asarray(row) == eos_id)
     end = hits[0] + 1 if len(hits) else len(row)
     return (np.arange(len(row)) < end).astype(np.float32)
+
+
+def judge_windows(length: int, context: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first_scored) of the windows over a row of `length` for a judge of `context` tokens: window k is
+    [k C/2, k C/2 + C) (clipped to the row) and scores [first_scored, end), the tokens after the previous window's
+    end; one window [0, length) when the row fits."""
+    stride = max(context // 2, 1)
+    windows, begin, scored = [], 0, 0
+    while True:
+        end = min(begin + context, length)
+        windows.append((begin, end, scored))
+        if end == length:
+            return windows
+        begin, scored = begin + stride, end
 
 
 def to_judge_ids(row: np.ndarray, sample_tokenizer: Tokenizer, judge_tokenizer: Tokenizer) -> np.ndarray:
@@ -80,20 +98,25 @@ class Judge:
         return [to_judge_ids(r, sample_tokenizer, self.tokenizer) for r in rows]
 
     def gen_ppl(self, rows: list[np.ndarray], batch_size: int = 32) -> dict[str, Any]:
-        """Pooled Gen PPL of judge-token rows under both rules (module docstring)."""
-        rows = [np.asarray(r, np.int32) for r in rows if len(r)]
-        eos = self.tokenizer.eos_id
-        width = max(len(r) for r in rows)
+        """Pooled Gen PPL of judge-token rows under both rules (module docstring), long rows by sliding window."""
+        eos, context = self.tokenizer.eos_id, self.exp.config.data.seq_len
+        pieces = []  # (tokens [<= C], span mask, no-EOS mask) of every window of every row
+        for row in (np.asarray(r, np.int32) for r in rows if len(r)):
+            span, no_eos = span_mask(row, eos), (row != eos).astype(np.float32)
+            for begin, end, scored in judge_windows(len(row), context):
+                fresh = np.arange(begin, end) >= scored
+                pieces.append((row[begin:end], span[begin:end] * fresh, no_eos[begin:end] * fresh))
+        width = max(len(p[0]) for p in pieces)
         sums = {"span": [0.0, 0.0], "no_eos": [0.0, 0.0]}
         with sharding.mesh_context(self.exp.mesh):
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start : start + batch_size]
+            for start in range(0, len(pieces), batch_size):
+                chunk = pieces[start : start + batch_size]
                 tokens = np.full((len(chunk), width), self.tokenizer.pad_id, np.int32)
                 masks = {rule: np.zeros((len(chunk), width), np.float32) for rule in sums}
-                for i, r in enumerate(chunk):
-                    tokens[i, : len(r)] = r
-                    masks["span"][i, : len(r)] = span_mask(r, eos)
-                    masks["no_eos"][i, : len(r)] = r != eos
+                for i, (ids, span, no_eos) in enumerate(chunk):
+                    tokens[i, : len(ids)] = ids
+                    masks["span"][i, : len(ids)] = span
+                    masks["no_eos"][i, : len(ids)] = no_eos
                 nll_sums, counts = jax.device_get(self._nll(self.params, tokens, np.stack(list(masks.values()))))
                 for rule, s, c in zip(masks, nll_sums, counts, strict=True):
                     sums[rule][0] += float(s)
@@ -101,4 +124,5 @@ class Judge:
         (nll, count), (nll_no_eos, count_no_eos) = sums["span"], sums["no_eos"]
         return {"gen_ppl": math.exp(min(nll / count, 700.0)), "gen_nll": nll / count, "gen_tokens": count,
                 "gen_ppl_no_eos": math.exp(min(nll_no_eos / max(count_no_eos, 1.0), 700.0)),
-                "gen_tokens_no_eos": count_no_eos, "gen_ppl_rule": GEN_PPL_RULE}
+                "gen_tokens_no_eos": count_no_eos, "gen_ppl_rule": GEN_PPL_RULE, "judge_context": context,
+                "judge_windows": len(pieces)}
