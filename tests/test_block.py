@@ -206,6 +206,9 @@ def test_block_family_through_the_cli(tmp_path):
     assert 0 < result["clip_best_beta"] < result["clip_best_omega"] <= 1 and len(result["clip_variances"]) == 64
     stats = run("sample", f"--workdir={workdir}", "--sampler=block", "--steps=8", "--length=16", "--num_samples=2")
     assert stats["sampler"] == "block" and stats["length"] == 16 and stats["nfe"] >= 1
+    stats = run("sample", f"--workdir={workdir}", "--sampler=block", "--steps=8", "--length=16", "--num_samples=2",
+                "--sampler.stop_at_eos=true", "--sampler.entropy_stop=4")  # variable length (BD3-LM's rules)
+    assert 0 <= stats["mean_length"] <= 16 and stats["nfe"] >= 1
 
 
 @pytest.mark.parametrize("schedule", [MaskSchedule("linear"), MaskSchedule("cosine"), MaskSchedule("poly", 2.0)])
@@ -263,3 +266,48 @@ def test_block_family_trains_with_resample():
     batch = {"tokens": _x0(4, 16), "loss_mask": jnp.ones((4, 16))}
     loss, metrics = jax.jit(lambda p: fam.loss(p, batch, jax.random.PRNGKey(0), True))(params)
     assert np.isfinite(float(loss)) and 0.45 <= float(metrics["mask_rate"]) <= 0.95
+
+
+def test_window_entropy_and_stop_lengths():
+    from dlm_jax.sampling import block as block_sampling
+
+    tokens = jnp.asarray([[1, 1, 1, 1], [1, 2, 3, 4], [1, 1, 2, 2]], jnp.int32)
+    np.testing.assert_allclose(block_sampling.window_entropy(tokens, jnp.int32(4), 4), [0.0, np.log(4), np.log(2)],
+                               atol=1e-6)
+    generated = jnp.asarray([False] + [True] * 15)  # position 0 is a prompt token
+    rows = jnp.asarray([[5] * 16, [5, 5, 5, 5, 5, 9, 5, 9] + [5] * 8, [9] + [5] * 15], jnp.int32)
+    stop = block_sampling.stop_lengths(rows, generated, jnp.int32(4), 4, 9, True, 0.0)
+    np.testing.assert_array_equal(stop, [16, 6, 16])  # first generated EOS of the block at 4..7 (prompt EOS: no)
+    long = jnp.concatenate([jnp.arange(256), jnp.full((256,), 7)])[None].astype(jnp.int32)  # diverse, then flat
+    gen = jnp.ones((512,), bool)
+    assert int(block_sampling.stop_lengths(long, gen, jnp.int32(496), 16, -1, False, 4.0)[0]) == 256  # drop window
+    assert int(block_sampling.stop_lengths(long, gen, jnp.int32(240), 16, -1, False, 4.0)[0]) == 512  # H = log 256
+
+
+def test_variable_length_block_sampling_stops_at_eos():
+    """A stub denoiser that predicts EOS at position 9 and token 3 elsewhere: with stop_at_eos every sample ends
+    there (EOS after it), the loop stops after that block (fewer forwards), and the tokens before it are kept."""
+    from dlm_jax.diffusion.schedules import MaskSchedule
+    from dlm_jax.sampling import block as block_sampling
+    from dlm_jax.sampling.masked import MaskedSampling
+
+    eos = 11
+
+    def full_fn(tokens, t):
+        want = jnp.where(jnp.arange(16) == 9, eos, 3)
+        return jnp.broadcast_to(jnp.where(jnp.arange(VOCAB) == want[:, None], 0.0, -1e9), tokens.shape + (VOCAB,))
+
+    template = jnp.asarray([2] + [MASK] * 15, jnp.int32)  # the masked template, as the family passes it
+
+    def run(stop):
+        spec = SampleSpec("block_nocache", 2, 16, steps=8,
+                          options=block_sampling.BlockOptions(inner="topk_confidence", stop_at_eos=stop))
+        ms = MaskedSampling(spec, MASK, MaskSchedule("linear"), 1e-3)
+        return block_sampling.block_sample(None, full_fn, None, jax.random.PRNGKey(0), template, spec, ms, 4, eos)
+
+    tokens, stats = run(True)
+    np.testing.assert_array_equal(stats["lengths"], [10, 10])
+    np.testing.assert_array_equal(tokens[0], [2] + [3] * 8 + [eos] * 7)
+    fixed, fixed_stats = run(False)
+    assert "lengths" not in fixed_stats and (fixed[:, 10:] == 3).all()
+    assert int(stats["nfe"]) == 3 * 2 and int(fixed_stats["nfe"]) == 4 * 2  # 3 of 4 blocks, 2 steps each

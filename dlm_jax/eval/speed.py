@@ -17,7 +17,8 @@ def timed_sample(exp: Any, params: Any, spec: SampleSpec, template: np.ndarray, 
                  batch_size: int) -> tuple[np.ndarray, dict[str, float]]:
     """`spec.num_samples` samples in batches of `batch_size` (batch b uses fold_in(PRNGKey(seed), b)).
 
-    Returns (tokens [N, L], {"nfe": mean NFE per batch, "seconds": sampling wall time, compile excluded}).
+    Returns (tokens [N, L], {"nfe": mean NFE per batch, "seconds": sampling wall time, compile excluded, and
+    "mean_length" when the sampler ends samples early (its stats carry "lengths")}).
     """
     batch = min(batch_size, spec.num_samples)
     batch_spec = dataclasses.replace(spec, num_samples=batch)
@@ -27,7 +28,7 @@ def timed_sample(exp: Any, params: Any, spec: SampleSpec, template: np.ndarray, 
     with sharding.mesh_context(exp.mesh):
         sample = jax.jit(lambda p, frozen, rng: exp.family.bind(frozen).sample(p, rng, batch_spec, template))
         compiled = sample.lower(params, exp.frozen, base).compile()
-        outputs, nfes, seconds = [], [], 0.0
+        outputs, nfes, lengths, seconds = [], [], [], 0.0
         for b in range(num_batches):
             rng = jax.random.fold_in(base, b)
             start = time.perf_counter()
@@ -35,4 +36,9 @@ def timed_sample(exp: Any, params: Any, spec: SampleSpec, template: np.ndarray, 
             seconds += time.perf_counter() - start
             outputs.append(np.asarray(jax.device_get(tokens)))
             nfes.append(int(stats["nfe"]))
-    return np.concatenate(outputs)[: spec.num_samples], {"nfe": float(np.mean(nfes)), "seconds": seconds}
+            if "lengths" in stats:
+                lengths.append(np.asarray(jax.device_get(stats["lengths"])))
+    timing = {"nfe": float(np.mean(nfes)), "seconds": seconds}
+    if lengths:
+        timing["mean_length"] = float(np.mean(np.concatenate(lengths)[: spec.num_samples]))
+    return np.concatenate(outputs)[: spec.num_samples], timing

@@ -25,6 +25,8 @@ def generation_row(exp: Any, params: Any, spec: SampleSpec, template: np.ndarray
            "length": spec.length, "batch_size": min(batch_size, spec.num_samples), "seconds": timing["seconds"],
            "tokens_per_second": generated / max(timing["seconds"], 1e-9),
            "entropy_bits": unigram_entropy_bits(tokens)}
+    if "mean_length" in timing:  # variable-length sampling: where the samples ended, on average
+        row["mean_length"] = timing["mean_length"]
     if judge is not None:
         row.update(judge.gen_ppl(judge.prepare(tokens, exp.tokenizer, retokenize)))
     return tokens, row

@@ -32,10 +32,10 @@ def _sample(family: Block, params, rng: Array, spec: SampleSpec, template: Any):
     if spec.sampler == "block_nocache":
         full = family.logits_fn(params, rng, train=False)
         return block_sampling.block_sample(None, lambda tokens, t: full(tokens, t, mask_mode="block_causal"), None,
-                                           rng, template, spec, ms, family.block_size())
+                                           rng, template, spec, ms, family.block_size(), family.tokenizer.eos_id)
     cache = family.empty_cache(spec.num_samples, template.shape[0])
     return block_sampling.block_sample(family.decode_fn(params), None, cache, rng, template, spec, ms,
-                                       family.block_size())
+                                       family.block_size(), family.tokenizer.eos_id)
 
 
 @registry.register

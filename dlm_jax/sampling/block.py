@@ -9,8 +9,14 @@
                  recomputed against the cached prefix
   dual_cache     Fast-dLLM dual cache: only the block is recomputed, against the cached prefix and the cached
                  (stale until the next block) suffix; the refresh forward is the first step here too
-The outer loop is a `lax.scan` over blocks for the exact cache; the approximate caches change their query
-shapes per block, so their blocks are unrolled at trace time (one compiled program, a `lax.scan` per block).
+The outer loop is a `lax.scan` over blocks for the exact cache (a `lax.while_loop` when a stop rule is on: it
+ends once every sample stopped); the approximate caches change their query shapes per block, so their blocks are
+unrolled at trace time (one compiled program, a `lax.scan` per block).
+
+Variable length (BD3-LM, `block` / `block_nocache` options): `stop_at_eos` ends a sample at its first generated EOS;
+`entropy_stop` > 0 ends it when the unigram entropy (nats) of its last ENTROPY_WINDOW tokens falls below that
+value (BD3-LM uses 4) and drops that window. A stopped sample's later positions are EOS (the other samples of the
+batch go on); `lengths` [N] in the stats says where each sample ends.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dlm_jax.sampling.loop import SamplerState, SampleSpec, init_state
+from dlm_jax.sampling.loop import SamplerState, SampleSpec, init_state, option
 from dlm_jax.sampling.masked import (
     MaskedSampling,
     initial_cache,
@@ -36,11 +42,43 @@ from dlm_jax.sampling.masked import (
 Array = jax.Array
 
 
+ENTROPY_WINDOW = 256  # tokens whose unigram entropy the entropy stop rule checks (BD3-LM)
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockOptions:
     inner: str = inner_option()
     unmask_schedule: str = unmask_schedule_option()
     time_grid: str = time_grid_option()
+    stop_at_eos: bool = option(False, "variable length: a sample ends at its first generated EOS (the rest is EOS)")
+    entropy_stop: float = option(0.0, f"end a sample when the unigram entropy (nats) of its last {ENTROPY_WINDOW} "
+                                      "tokens falls below this, dropping them (BD3-LM: 4); 0: off")
+
+
+def window_entropy(tokens: Array, end: Array, window: int) -> Array:
+    """Unigram entropy in nats of tokens[:, end - window : end] ([N, L] -> [N]): -(1/W) sum_i log(c_i / W), c_i the
+    count of token i's value in the window (each distinct value v, seen c_v times, contributes -(c_v/W) log(c_v/W))."""
+    seg = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(end - window, 0), window, axis=1)  # [N, W]
+    counts = (seg[:, :, None] == seg[:, None, :]).sum(axis=-1)  # [N, W]
+    return -jnp.mean(jnp.log(counts / window), axis=1)
+
+
+def stop_lengths(tokens: Array, generated: Array, start: Array, block_size: int, eos_id: int, stop_at_eos: bool,
+                 entropy_stop: float) -> Array:
+    """Where each sample stops after the block at `start` ([N]; L = does not stop): just after its first generated
+    EOS in the block, or, when the entropy of its last ENTROPY_WINDOW tokens is below `entropy_stop`, before them."""
+    n, length = tokens.shape
+    end = start + block_size
+    stop = jnp.full((n,), length, jnp.int32)
+    if stop_at_eos:
+        blk = jax.lax.dynamic_slice_in_dim(tokens, start, block_size, axis=1)
+        is_eos = (blk == eos_id) & jax.lax.dynamic_slice_in_dim(generated, start, block_size)[None]
+        stop = jnp.where(is_eos.any(axis=1), start + jnp.argmax(is_eos, axis=1) + 1, stop)
+    if entropy_stop > 0:
+        window = min(ENTROPY_WINDOW, length)
+        low = (end >= window) & (window_entropy(tokens, end, window) < entropy_stop)
+        stop = jnp.where(low, jnp.minimum(stop, end - window), stop)
+    return stop
 
 
 # decode_fn(tokens [N, Lq], t [N], cache, index) -> (logits [N, Lq, V], cache with the queries' K/V at index)
@@ -59,15 +97,18 @@ def _run_block(ms: MaskedSampling, state: SamplerState, blk: Array, logits_fn: C
 
 
 def block_sample(decode_fn: DecodeFn | None, full_fn: FullFn | None, kv_cache: Any, rng: Array, template: Array,
-                 spec: SampleSpec, ms: MaskedSampling, block_size: int) -> tuple[Array, dict[str, Array]]:
-    """Exact block decoding: with `decode_fn` + `kv_cache` (block) or `full_fn` (block_nocache)."""
+                 spec: SampleSpec, ms: MaskedSampling, block_size: int,
+                 eos_id: int = -1) -> tuple[Array, dict[str, Array]]:
+    """Exact block decoding: with `decode_fn` + `kv_cache` (block) or `full_fn` (block_nocache); the stop rules of
+    the options need `eos_id` (the EOS that ends a sample and fills what follows)."""
     n, length = spec.num_samples, template.shape[0]
     num_blocks = length // block_size
     steps = max(1, spec.steps // num_blocks)
     tokens = jnp.broadcast_to(template.astype(jnp.int32), (n, length))
     state = init_state(tokens, rng, kv_cache)
+    stop_at_eos, entropy_stop = spec.option("stop_at_eos", False), spec.option("entropy_stop", 0.0)
 
-    def block_body(st: SamplerState, b: Array) -> tuple[SamplerState, None]:
+    def block_body(st: SamplerState, b: Array) -> SamplerState:
         start = b * block_size
         blk = jax.lax.dynamic_slice_in_dim(st.tokens, start, block_size, axis=1)
         if decode_fn is not None:
@@ -87,10 +128,26 @@ def block_sample(decode_fn: DecodeFn | None, full_fn: FullFn | None, kv_cache: A
             is_last = b == num_blocks - 1
             cache = jax.lax.cond(is_last, lambda: st.cache, commit)
             new = new.replace(cache=cache, nfe=new.nfe + (~is_last).astype(jnp.int32))
-        return new, None
+        return new
 
-    state = jax.lax.scan(block_body, state, jnp.arange(num_blocks))[0]
-    return state.tokens, {"nfe": state.nfe}
+    if not stop_at_eos and entropy_stop <= 0:
+        state = jax.lax.scan(lambda st, b: (block_body(st, b), None), state, jnp.arange(num_blocks))[0]
+        return state.tokens, {"nfe": state.nfe}
+
+    generated = template == ms.mask_id  # [L] (the template's unknowns are [MASK]): the stop rules look at these
+
+    def body(carry: tuple[SamplerState, Array, Array]) -> tuple[SamplerState, Array, Array]:
+        st, b, lengths = carry
+        st = block_body(st, b)
+        stop = stop_lengths(st.tokens, generated, b * block_size, block_size, eos_id, stop_at_eos, entropy_stop)
+        return st, b + 1, jnp.where(lengths < length, lengths, stop)  # a stopped sample keeps its length
+
+    def keep_going(carry: tuple[SamplerState, Array, Array]) -> Array:
+        return (carry[1] < num_blocks) & jnp.any(carry[2] == length)
+
+    state, _, lengths = jax.lax.while_loop(keep_going, body, (state, jnp.int32(0), jnp.full((n,), length, jnp.int32)))
+    ended = (jnp.arange(length)[None] >= lengths[:, None]) & generated[None]
+    return jnp.where(ended, eos_id, state.tokens), {"nfe": state.nfe, "lengths": lengths}
 
 
 def approx_cache_sample(decode_fn: DecodeFn, init_cache: Callable[[int], Any], rng: Array, template: Array,
