@@ -4,6 +4,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -128,3 +129,46 @@ def test_ar_shift_and_perfect_predictor():
     assert float(terms["nll_sum"]) == pytest.approx(0.0, abs=1e-6)
     uniform = autoregressive.nll_terms(lambda inp: jnp.zeros((1, 4, 10)), x, jnp.ones((1, 4)), bos_id=9)
     assert float(uniform["nll_sum"]) == pytest.approx(4 * math.log(10), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "poly"])
+def test_md4_shifted_schedule(kind):
+    """alpha = (1 - 2 eps) alpha + eps: from 1 - eps to eps, derivative scaled, time_at_mask_rate its inverse."""
+    eps = 0.05
+    plain, shifted = MaskSchedule(kind), MaskSchedule(kind, shift=eps)
+    t = jnp.linspace(0.0, 1.0, 11)
+    np.testing.assert_allclose(shifted.alpha(t), (1 - 2 * eps) * plain.alpha(t) + eps, atol=1e-6)
+    np.testing.assert_allclose(shifted.alpha(jnp.array([0.0, 1.0])), [1 - eps, eps], atol=1e-6)
+    np.testing.assert_allclose(shifted.alpha_derivative(t), (1 - 2 * eps) * plain.alpha_derivative(t), atol=1e-6)
+    inner = t[1:-1]
+    np.testing.assert_allclose(shifted.time_at_mask_rate(1.0 - shifted.alpha(inner)), inner, atol=1e-4)
+    assert np.isfinite(np.asarray(shifted.continuous_weight(jnp.zeros(1)))).all()  # finite at t = 0
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.1])
+def test_md4_shifted_nelbo_of_a_uniform_model_is_closed_form(shift):
+    """A model with uniform logits over the V real tokens: every masked token costs log V, so the continuous NELBO
+    per token is E_t[-alpha'_t] log V = (alpha_tmin - alpha_1) log V, plus the reconstruction term
+    (1 - alpha_0) log V with the shift: (1 - t_eps) log V unshifted, (1 - 2 eps + eps) log V = (1 - eps) log V
+    shifted (a missing reconstruction term would give (1 - 2 eps) log V)."""
+    vocab = 7  # real tokens; [MASK] = 7
+    section = ml_collections.ConfigDict({"schedule": "linear", "schedule_power": 2.0, "t_eps": 1e-3,
+                                         "antithetic": True, "num_timesteps": 0, "schedule_shift": shift})
+    x0 = jax.random.randint(jax.random.PRNGKey(0), (256, 64), 0, vocab)
+    uniform = lambda z, t: jnp.zeros(z.shape + (vocab + 1,))  # noqa: E731
+    totals = [masked.nelbo_terms(uniform, x0, jnp.ones(x0.shape), jax.random.PRNGKey(s), section, vocab)
+              for s in range(4)]
+    per_token = sum(float(t["nll_sum"]) for t in totals) / sum(float(t["num_tokens"]) for t in totals)
+    want = (1 - shift) * np.log(vocab) if shift else (1 - 1e-3) * np.log(vocab)
+    assert per_token == pytest.approx(want, rel=1e-2)
+
+
+def test_schedule_shift_is_validated():
+    from dlm_jax import config as config_lib
+    from dlm_jax import families
+    from dlm_jax.errors import UserError
+
+    c = config_lib.apply_overrides(base_config(), ["--config.model.family=mdlm", "--config.mdlm.schedule_shift=0.5"])
+    with pytest.raises(UserError, match=r"mdlm.schedule_shift must be in \[0, 0.5\)"):
+        families.validate(c)
+    families.validate(config_lib.apply_overrides(c, ["--config.mdlm.schedule_shift=1e-4"]))

@@ -7,6 +7,7 @@ E_t [ w(t) * sum_{masked l} -log p_theta(x^l | z_t) ] with w = -alpha'_t / (1 - 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -21,8 +22,8 @@ LogitsFn = Callable[[Array, Array], Array]  # (z_t [B, L], t [B]) -> logits [B, 
 
 
 def schedule_from_config(section: ml_collections.ConfigDict) -> MaskSchedule:
-    """The schedule of a family's config section (`schedule`, `schedule_power`)."""
-    return MaskSchedule(kind=section.schedule, power=section.schedule_power)
+    """The schedule of a family's config section (`schedule`, `schedule_power`, `schedule_shift` where it has one)."""
+    return MaskSchedule(kind=section.schedule, power=section.schedule_power, shift=section.get("schedule_shift", 0.0))
 
 
 def subs_logits(logits: Array, mask_id: int) -> Array:
@@ -61,9 +62,17 @@ def nelbo_terms(
     logits_fn: LogitsFn, x0: Array, loss_mask: Array, rng: Array, section: ml_collections.ConfigDict, mask_id: int
 ) -> dict[str, Array]:
     """One Monte-Carlo draw of the NELBO with (antithetic) t ~ U[eps, 1] (or the T-step grid); `section` is the
-    family's config section (schedule, schedule_power, t_eps, antithetic, num_timesteps)."""
+    family's config section (schedule, schedule_power, t_eps, antithetic, num_timesteps, schedule_shift).
+
+    With MD4's shifted schedule (schedule_shift = eps > 0) t ~ U[0, 1] and the NELBO adds the reconstruction term
+    at t = 0: a token is still masked there with prob 1 - alpha_0 = eps, bounded by a uniform guess over the
+    V = mask_id real tokens, eps log V per token (the prior term at t = 1 is neglected, as in MD4)."""
     rng_t, rng_mask = jax.random.split(rng)
-    t = sample_times(rng_t, x0.shape[0], section.t_eps, section.antithetic, section.num_timesteps)  # [B]
-    return nelbo_terms_at(
-        logits_fn, x0, loss_mask, t, rng_mask, schedule_from_config(section), section.num_timesteps, mask_id
-    )
+    schedule = schedule_from_config(section)
+    t_min = 0.0 if schedule.shift else section.t_eps
+    t = sample_times(rng_t, x0.shape[0], t_min, section.antithetic, section.num_timesteps)  # [B]
+    terms = nelbo_terms_at(logits_fn, x0, loss_mask, t, rng_mask, schedule, section.num_timesteps, mask_id)
+    if schedule.shift:
+        recon = (1.0 - schedule.alpha(jnp.zeros(()))) * math.log(mask_id)
+        terms["nll_sum"] = terms["nll_sum"] + recon * terms["num_tokens"]
+    return terms

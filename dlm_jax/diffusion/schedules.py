@@ -2,6 +2,8 @@
 
 MDLM (Sahoo et al. 2024) and MD4 (Shi et al. 2024): linear alpha_t = 1 - t, cosine
 alpha_t = 1 - cos(pi/2 (1 - t)), poly-k alpha_t = 1 - t^k; all go from alpha_0 = 1 to alpha_1 = 0.
+MD4's eps-shifted variant (`shift` = eps > 0): alpha_t = (1 - 2 eps) alpha_t + eps, from 1 - eps to eps, so the
+NELBO weight stays finite at t = 0 and t can be drawn from the whole [0, 1].
 """
 
 from __future__ import annotations
@@ -19,9 +21,13 @@ Array = jax.Array
 class MaskSchedule:
     kind: str = "linear"  # linear | cosine | poly
     power: float = 2.0  # k of poly
+    shift: float = 0.0  # MD4's eps: alpha_t = (1 - 2 eps) alpha_t + eps (0: the plain schedule)
 
     def alpha(self, t: Array) -> Array:
         """alpha_t: the keep probability at time t in [0, 1]."""
+        return (1.0 - 2.0 * self.shift) * self._base_alpha(t) + self.shift
+
+    def _base_alpha(self, t: Array) -> Array:
         if self.kind == "linear":
             return 1.0 - t
         if self.kind == "cosine":
@@ -32,6 +38,9 @@ class MaskSchedule:
 
     def alpha_derivative(self, t: Array) -> Array:
         """d alpha_t / dt (negative)."""
+        return (1.0 - 2.0 * self.shift) * self._base_alpha_derivative(t)
+
+    def _base_alpha_derivative(self, t: Array) -> Array:
         if self.kind == "linear":
             return -jnp.ones_like(t)
         if self.kind == "cosine":
@@ -41,7 +50,10 @@ class MaskSchedule:
         raise ValueError(f"unknown mask schedule {self.kind!r}")
 
     def time_at_mask_rate(self, mask_rate: Array) -> Array:
-        """The inverse of t -> 1 - alpha_t: the time at which a token is masked with prob `mask_rate` in [0, 1]."""
+        """The inverse of t -> 1 - alpha_t: the time at which a token is masked with prob `mask_rate` (clipped to
+        the schedule's range [shift, 1 - shift])."""
+        if self.shift:
+            mask_rate = jnp.clip((mask_rate - self.shift) / (1.0 - 2.0 * self.shift), 0.0, 1.0)
         if self.kind == "linear":
             return mask_rate
         if self.kind == "cosine":  # 1 - alpha = cos(pi/2 (1 - t))

@@ -120,6 +120,7 @@ class MDLM(MaskedFamily):
     def config_section(cls) -> ml_collections.ConfigDict:
         s = masked_process_section()
         s.num_timesteps = 0  # 0: continuous-time NELBO; T > 0: discrete-time T-step NELBO
+        s.schedule_shift = 0.0  # MD4's eps > 0: alpha = (1 - 2 eps) alpha + eps, t ~ U[0, 1], + eps log V recon term
         return s
 
     @classmethod
@@ -127,6 +128,8 @@ class MDLM(MaskedFamily):
         super().validate(config)
         if config.mdlm.num_timesteps < 0:
             raise UserError(f"mdlm.num_timesteps must be >= 0 (0 = continuous time), got {config.mdlm.num_timesteps}")
+        if not 0.0 <= config.mdlm.schedule_shift < 0.5:
+            raise UserError(f"mdlm.schedule_shift must be in [0, 0.5) (MD4: 1e-4), got {config.mdlm.schedule_shift}")
 
     def loss_terms(self, params, batch, rng, train):
         rng_noise, rng_dropout = jax.random.split(rng)
