@@ -81,16 +81,8 @@ def test_masks_reject_bad_arguments():
 def test_kv_ranges_cover_mask_and_skip(mode, block_size, length, tile):
     """Every allowed key of a query tile lies in the tile's KV ranges; the ranges skip what they should."""
     mask = np.asarray(reference.attention_bias_mask(mode, length, length, block_size))
-    visited_total = 0
-    for q_lo in range(0, length, tile):
-        q_hi = min(q_lo + tile, length)
-        ranges = pallas_attention._kv_ranges(mode, jnp.int32(q_lo), jnp.int32(q_hi), block_size, length)
-        covered = np.zeros(length, bool)
-        for lo, hi in ranges:
-            covered[int(lo):max(int(lo), int(hi))] = True
-        assert not np.any(mask[q_lo:q_hi] & ~covered), (q_lo, ranges)
-        visited_total += covered.sum()
-    assert visited_total < mask.shape[0] * mask.shape[1] / 2 + length * tile  # about the mask's density
+    visited = _check_tile_ranges(pallas_attention._kv_ranges, mask, mode, block_size, tile)
+    assert visited < mask.shape[0] * mask.shape[1] / 2 + length * tile  # about the mask's density
 
 
 @pytest.mark.parametrize("mode,block_size,length,tile", [("full", 1, 40, 16), ("causal", 1, 40, 16),
@@ -98,19 +90,25 @@ def test_kv_ranges_cover_mask_and_skip(mode, block_size, length, tile):
                                                          ("bd3_train", 4, 64, 8), ("bd3_train", 8, 64, 16)])
 def test_q_ranges_cover_mask_and_skip(mode, block_size, length, tile):
     """Every query that may see a key of a KV tile lies in the tile's query ranges (the backward's dk / dv loop)."""
-    mask = np.asarray(np.broadcast_to(
-        True if (m := reference.attention_bias_mask(mode, length, length, block_size)) is None else m,
-        (length, length)))
-    visited_total = 0
-    for k_lo in range(0, length, tile):
-        k_hi = min(k_lo + tile, length)
-        ranges = pallas_attention._q_ranges(mode, jnp.int32(k_lo), jnp.int32(k_hi), block_size, length)
+    m = reference.attention_bias_mask(mode, length, length, block_size)
+    mask = np.broadcast_to(True if m is None else np.asarray(m), (length, length))
+    visited = _check_tile_ranges(pallas_attention._q_ranges, mask.T, mode, block_size, tile)
+    assert visited <= mask.sum() + 2 * length * tile  # about the mask's density
+
+
+def _check_tile_ranges(ranges_fn, mask, mode, block_size, tile) -> int:
+    """For every tile [lo, hi) of mask's rows: the columns it needs (mask[lo:hi]) lie in ranges_fn's ranges;
+    returns the number of columns visited over all tiles."""
+    length = mask.shape[0]
+    visited = 0
+    for lo in range(0, length, tile):
+        hi = min(lo + tile, length)
         covered = np.zeros(length, bool)
-        for lo, hi in ranges:
-            covered[int(lo):max(int(lo), int(hi))] = True
-        assert not np.any(mask[:, k_lo:k_hi] & ~covered[:, None]), (k_lo, ranges)
-        visited_total += covered.sum()
-    assert visited_total <= mask.sum() + 2 * length * tile  # about the mask's density
+        for a, b in ranges_fn(mode, jnp.int32(lo), jnp.int32(hi), block_size, length):
+            covered[int(a):max(int(a), int(b))] = True
+        assert not np.any(mask[lo:hi] & ~covered), (lo, covered)
+        visited += covered.sum()
+    return visited
 
 
 # ---------------------------------------------------------------------------------------------------- flash
@@ -365,21 +363,24 @@ def _assert_close_gpu(out, ref, dtype):
     assert err < GPU_RTOL[dtype], err
 
 
+def _assert_impl_matches_reference_on_gpu(impl, mode, block_size, dtype, q, k, v, w):
+    """attention(impl) forward and its gradients vs the reference at the highest matmul precision."""
+    fn = lambda q, k, v: attention_lib.attention(q, k, v, mode, impl, block_size)  # noqa: E731
+    ref = lambda q, k, v: reference.attention(q, k, v, mode, block_size)  # noqa: E731
+    got = (jax.jit(fn)(q, k, v), *_grads(fn, q, k, v, w))
+    with jax.default_matmul_precision("highest"):
+        want = (jax.jit(ref)(q, k, v), *_grads(ref, q, k, v, w))
+    for g, r in zip(got, want, strict=True):
+        _assert_close_gpu(g, r, dtype)
+
+
 @pytest.mark.gpu_only
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("mode,block_size", [*MODES, ("block_causal", 16), ("bd3_train", 16)])
 def test_pallas_gpu_attention_matches_reference(mode, block_size, dtype):
     """The compiled (not interpreted) flash kernels on a real GPU: forward and the backward's dq, dk, dv."""
     q, k, v = _qkv(2, 200, 4, 64, dtype)  # 200: padded rows and keys in the last tile
-    w = _rand(q.shape, 3)
-    got = jax.jit(lambda q, k, v: attention_lib.attention(q, k, v, mode, "pallas", block_size))(q, k, v)
-    got_grads = _grads(lambda q, k, v: attention_lib.attention(q, k, v, mode, "pallas", block_size), q, k, v, w)
-    with jax.default_matmul_precision("highest"):
-        want = jax.jit(lambda q, k, v: reference.attention(q, k, v, mode, block_size))(q, k, v)
-        want_grads = _grads(lambda q, k, v: reference.attention(q, k, v, mode, block_size), q, k, v, w)
-    _assert_close_gpu(got, want, dtype)
-    for g, r in zip(got_grads, want_grads, strict=True):
-        _assert_close_gpu(g, r, dtype)
+    _assert_impl_matches_reference_on_gpu("pallas", mode, block_size, dtype, q, k, v, _rand(q.shape, 3))
 
 
 @pytest.mark.gpu_only
@@ -387,15 +388,7 @@ def test_pallas_gpu_attention_matches_reference(mode, block_size, dtype):
 def test_cudnn_attention_matches_reference(mode, block_size):
     """impl=cudnn (bf16): our masks through jax.nn.dot_product_attention on cuDNN, forward and gradients."""
     q, k, v = _qkv(2, 256, 4, 64, jnp.bfloat16, seed=5)
-    w = _rand(q.shape, 6)
-    got = jax.jit(lambda q, k, v: attention_lib.attention(q, k, v, mode, "cudnn", block_size))(q, k, v)
-    got_grads = _grads(lambda q, k, v: attention_lib.attention(q, k, v, mode, "cudnn", block_size), q, k, v, w)
-    with jax.default_matmul_precision("highest"):
-        want = jax.jit(lambda q, k, v: reference.attention(q, k, v, mode, block_size))(q, k, v)
-        want_grads = _grads(lambda q, k, v: reference.attention(q, k, v, mode, block_size), q, k, v, w)
-    _assert_close_gpu(got, want, jnp.bfloat16)
-    for g, r in zip(got_grads, want_grads, strict=True):
-        _assert_close_gpu(g, r, jnp.bfloat16)
+    _assert_impl_matches_reference_on_gpu("cudnn", mode, block_size, jnp.bfloat16, q, k, v, _rand(q.shape, 6))
 
 
 @pytest.mark.gpu_only

@@ -85,6 +85,19 @@ def _softmax_step(q, k, v, ok, scale: float, carry):
     return corr[:, None] * acc + pv, m_new, corr * row_sum + jnp.sum(p, axis=1)
 
 
+def _kv_tile(k_ref, v_ref, t, block_k: int):
+    """(cols [1, block_k], k, v) of KV tile t of whole-sequence K / V refs."""
+    start = pl.multiple_of(t * block_k, block_k)
+    cols = start + jnp.arange(block_k, dtype=jnp.int32)[None, :]
+    return cols, k_ref[pl.ds(start, block_k), :], v_ref[pl.ds(start, block_k), :]
+
+
+def _probs(q, k, lse, ok, scale: float):
+    """The forward's softmax recomputed from its log-normaliser: exp(q k^T * scale - lse), 0 where not `ok`."""
+    p = jnp.exp(_scores(q, k, scale) - lse[:, None])
+    return p if ok is None else jnp.where(ok, p, 0.0)
+
+
 def _init_carry(rows: int, head_dim: int):
     return (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
@@ -175,10 +188,8 @@ def _flash_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, mode: str, block_size:
     rows = q_lo + jnp.arange(block_q, dtype=jnp.int32)[:, None]
 
     def body(t, carry):
-        start = pl.multiple_of(t * block_k, block_k)
-        cols = start + jnp.arange(block_k, dtype=jnp.int32)[None, :]
+        cols, k, v = _kv_tile(k_ref, v_ref, t, block_k)
         ok = _visible(mode, rows, cols, block_size, q_len, kv_len, q_len, k_ref.shape[0])
-        k, v = k_ref[pl.ds(start, block_k), :], v_ref[pl.ds(start, block_k), :]
         return _softmax_step(q, k, v, ok, scale, carry)
 
     ranges = _kv_ranges(mode, q_lo, jnp.minimum(q_lo + block_q, q_len), block_size, kv_len)
@@ -237,13 +248,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, mode:
     rows = q_lo + jnp.arange(block_q, dtype=jnp.int32)[:, None]
 
     def body(t, dq):
-        start = pl.multiple_of(t * block_k, block_k)
-        cols = start + jnp.arange(block_k, dtype=jnp.int32)[None, :]
-        ok = _visible(mode, rows, cols, block_size, q_len, kv_len, q_len, k_ref.shape[0])
-        k, v = k_ref[pl.ds(start, block_k), :], v_ref[pl.ds(start, block_k), :]
-        p = jnp.exp(_scores(q, k, scale) - lse[:, None])
-        if ok is not None:
-            p = jnp.where(ok, p, 0.0)
+        cols, k, v = _kv_tile(k_ref, v_ref, t, block_k)
+        p = _probs(q, k, lse, _visible(mode, rows, cols, block_size, q_len, kv_len, q_len, k_ref.shape[0]), scale)
         ds = p * (_scores(do, v, 1.0) - delta[:, None])
         return dq + lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
                                     preferred_element_type=jnp.float32)
@@ -268,9 +274,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
         ok = _visible(mode, rows, cols, block_size, q_len, kv_len, q_ref.shape[0], kv_len)
         q, do = q_ref[pl.ds(start, block_q), :], do_ref[pl.ds(start, block_q), :]
         lse, delta = lse_ref[pl.ds(start, block_q)], delta_ref[pl.ds(start, block_q)]
-        p = jnp.exp(_scores(q, k, scale) - lse[:, None])
-        if ok is not None:
-            p = jnp.where(ok, p, 0.0)
+        p = _probs(q, k, lse, ok, scale)
         ds = p * (_scores(do, v, 1.0) - delta[:, None])
         return dk + _dot_t(ds.astype(q.dtype), q), dv + _dot_t(p.astype(do.dtype), do)
 
@@ -355,9 +359,7 @@ def _cached_split_kernel(n_ref, q_ref, k_ref, v_ref, kc_ref, vc_ref, acc_ref, m_
     q = q_ref[...]
 
     def body(t, carry):
-        start = pl.multiple_of(t * block_k, block_k)
-        cols = start + jnp.arange(block_k, dtype=jnp.int32)[None, :]
-        k, v = kc_ref[pl.ds(start, block_k), :], vc_ref[pl.ds(start, block_k), :]
+        cols, k, v = _kv_tile(kc_ref, vc_ref, t, block_k)
         return _softmax_step(q, k, v, cols < n, scale, carry)
 
     first = split * tiles_per_split  # past the cache for s == S: no iterations
