@@ -1,6 +1,8 @@
 """Block diffusion: L' = L is MDLM, L' = 1 is AR, clipped antithetic rates, exact KV-cached block decoding
 (== decoding without the cache), Fast-dLLM approximate caches, and the family end to end."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -311,3 +313,53 @@ def test_variable_length_block_sampling_stops_at_eos():
     fixed, fixed_stats = run(False)
     assert "lengths" not in fixed_stats and (fixed[:, 10:] == 3).all()
     assert int(stats["nfe"]) == 3 * 2 and int(fixed_stats["nfe"]) == 4 * 2  # 3 of 4 blocks, 2 steps each
+
+
+def test_sliding_window_positions_each_block_inside_its_window():
+    """A stub denoiser whose prediction at each position is that position's index inside the array it is given:
+    with a window W every block of a 32-token sample is predicted inside [end - W, end) (the first W tokens for the
+    early blocks), so the tokens read back the window's offsets; without one, the absolute positions."""
+    from dlm_jax.diffusion.schedules import MaskSchedule
+    from dlm_jax.sampling import block as block_sampling
+    from dlm_jax.sampling.masked import MaskedSampling
+
+    vocab = 40  # ids 0..38 real, 39 = [MASK]
+
+    def full_fn(tokens, t):
+        pos = jnp.arange(tokens.shape[1])
+        return jnp.broadcast_to(jnp.where(jnp.arange(vocab) == pos[:, None], 0.0, -1e9), tokens.shape + (vocab,))
+
+    template = jnp.full((32,), vocab - 1, jnp.int32)
+
+    def run(window):
+        spec = SampleSpec("block_nocache", 1, 32, steps=8,
+                          options=block_sampling.BlockOptions(inner="topk_confidence", window=window))
+        ms = MaskedSampling(spec, vocab - 1, MaskSchedule("linear"), 1e-3)
+        return np.asarray(block_sampling.block_sample(None, full_fn, None, jax.random.PRNGKey(0), template, spec, ms,
+                                                      4, 0)[0][0])
+
+    np.testing.assert_array_equal(run(0), np.arange(32))
+    # W = 12: blocks ending at 4, 8, 12 see [0, 12); the block ending at e > 12 sees [e - 12, e): offsets 8..11
+    np.testing.assert_array_equal(run(12), np.concatenate([np.arange(12)] + [np.arange(8, 12)] * 5))
+
+
+def test_sliding_window_sampling_past_the_training_length():
+    """semi_ar (MDLM) and block_nocache (block diffusion) sample 2 x data.seq_len tokens with a window; without a
+    window, a too-long sample, a window that does not fit, and the exact cache with a window are one-line errors."""
+    for family, sampler in (("mdlm", "semi_ar"), ("block", "block_nocache")):
+        _, fam, _, params = _model(family, block_size=4)
+        seq_len = fam.config.data.seq_len
+        options = {"block_length": 4} if family == "mdlm" else {}
+        template = np.full(2 * seq_len, -1, np.int32)
+        tokens, nfe = _sample(fam, params, sampler, template, 2 * seq_len // 4, window=seq_len, **options)
+        assert tokens.shape == (3, 2 * seq_len) and not (tokens == MASK).any() and nfe >= 1
+        spec = SampleSpec(sampler, 1, 2 * seq_len, steps=2 * seq_len // 4,
+                          options=fam.sampler(sampler).options(**options))
+        with pytest.raises(UserError, match=f"trained on data.seq_len={seq_len}.*--sampler.window"):
+            fam.check_sample(spec, template)
+        spec = dataclasses.replace(spec, options=fam.sampler(sampler).options(window=2 * seq_len, **options))
+        with pytest.raises(UserError, match="at most the model's data.seq_len"):
+            fam.check_sample(spec, template)
+    spec = SampleSpec("block", 1, 16, steps=8, options=fam.sampler("block").options(window=8))
+    with pytest.raises(UserError, match="use --sampler=block_nocache"):
+        fam.check_sample(spec, np.full(16, -1))

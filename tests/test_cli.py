@@ -106,6 +106,10 @@ def test_generation_sweep_writes_table_and_plot(workdirs, tmp_path):
         (["--sampler=semi_ar", "--inner=cached"], "--inner is now a sampler option: --sampler.inner=..."),
         (["--sampler=semi_ar", "--sampler.block_length=4", "--sampler.inner=topk_confidence", "--length=16",
           "--steps=8"], None),
+        (["--sampler=semi_ar", "--sampler.block_length=8", "--sampler.window=32", "--length=64", "--steps=8"],
+         None),  # twice the training length through a sliding window
+        (["--sampler=semi_ar", "--sampler.block_length=8", "--sampler.window=12", "--length=64", "--steps=8"],
+         "--sampler.window=12 must be a multiple of the block (8)"),
     ],
 )
 def test_sample_bad_input_is_one_line(workdirs, extra, message):

@@ -24,6 +24,10 @@ def _check(family: Block, spec: SampleSpec, template: Any) -> None:
     del template
     masked_sampling.check_runner(spec.options.inner, time_conditioned=False)
     masked_sampling.check_blocks(spec.sampler, spec.length, family.block_size(), spec.steps, "block size")
+    if spec.sampler == "block" and spec.options.window:
+        raise UserError("--sampler.window re-positions the context for every block, which the exact KV cache of "
+                        "--sampler=block cannot; use --sampler=block_nocache")
+    masked_sampling.check_window(spec, family.block_size(), family.config.data.seq_len)
 
 
 def _sample(family: Block, params, rng: Array, spec: SampleSpec, template: Any):

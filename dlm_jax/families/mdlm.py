@@ -63,7 +63,7 @@ class MaskedFamily(TransformerFamily):
 
 def _check_rule(family: MDLM, spec: SampleSpec, template: Any) -> None:
     del template
-    masked_sampling.check_spec(spec, family.model.cfg.time_conditioning)
+    masked_sampling.check_spec(spec, family.model.cfg.time_conditioning, family.config.data.seq_len)
 
 
 def _check_fast_dllm(family: MDLM, spec: SampleSpec, template: Any) -> None:
@@ -73,10 +73,16 @@ def _check_fast_dllm(family: MDLM, spec: SampleSpec, template: Any) -> None:
                         "needs a model trained with model.time_conditioning=False; use --sampler=semi_ar")
     masked_sampling.check_runner(spec.options.inner, family.model.cfg.time_conditioning)
     masked_sampling.check_blocks(spec.sampler, spec.length, masked_sampling.semi_ar_block_length(spec), spec.steps)
+    masked_sampling.check_window(spec, masked_sampling.semi_ar_block_length(spec), family.config.data.seq_len)
 
 
 def _sample_rule(family: MDLM, params, rng: Array, spec: SampleSpec, template: Any):
-    """ancestral, cached, first_hitting, topk_confidence, semi_ar (sampling/masked.py)."""
+    """ancestral, cached, first_hitting, topk_confidence, semi_ar (sampling/masked.py); semi_ar with a context
+    window runs block by block through `block_sample`'s sliding window (sampling/block.py)."""
+    if spec.option("window", 0):
+        return block_sampling.block_sample(None, family.logits_fn(params, rng, train=False), None, rng,
+                                           family.masked_template(template), spec, family.masked_sampling(spec),
+                                           masked_sampling.semi_ar_block_length(spec), family.tokenizer.eos_id)
     return masked_sampling.sample(family.logits_fn(params, rng, train=False), rng, family.masked_template(template),
                                   spec, mask_id=family.mask_id, schedule=family.schedule, t_eps=family.section.t_eps)
 
@@ -111,7 +117,8 @@ class MDLM(MaskedFamily):
         "first_hitting": _rule("one token per forward at its first-hitting time (--steps unused)"),
         "topk_confidence": _rule("MaskGIT / LLaDA: commit the k most confident tokens per step",
                                  masked_sampling.TopkOptions),
-        "semi_ar": _rule("blocks left to right, a masked rule inside each", masked_sampling.SemiAROptions),
+        "semi_ar": _rule("blocks left to right, a masked rule inside each (--sampler.window: past data.seq_len)",
+                         masked_sampling.SlidingSemiAROptions),
         "prefix_cache": _fast_dllm("Fast-dLLM prefix cache: semi-AR blocks against a cached prefix"),
         "dual_cache": _fast_dllm("Fast-dLLM dual cache: the block against cached prefix and (stale) suffix"),
     }

@@ -37,6 +37,7 @@ from dlm_jax.sampling.masked import (
     reverse_steps,
     time_grid_option,
     unmask_schedule_option,
+    window_option,
 )
 
 Array = jax.Array
@@ -53,6 +54,7 @@ class BlockOptions:
     stop_at_eos: bool = option(False, "variable length: a sample ends at its first generated EOS (the rest is EOS)")
     entropy_stop: float = option(0.0, f"end a sample when the unigram entropy (nats) of its last {ENTROPY_WINDOW} "
                                       "tokens falls below this, dropping them (BD3-LM: 4); 0: off")
+    window: int = window_option()  # block_nocache only: the exact cache keeps absolute positions
 
 
 def window_entropy(tokens: Array, end: Array, window: int) -> Array:
@@ -99,14 +101,18 @@ def _run_block(ms: MaskedSampling, state: SamplerState, blk: Array, logits_fn: C
 def block_sample(decode_fn: DecodeFn | None, full_fn: FullFn | None, kv_cache: Any, rng: Array, template: Array,
                  spec: SampleSpec, ms: MaskedSampling, block_size: int,
                  eos_id: int = -1) -> tuple[Array, dict[str, Array]]:
-    """Exact block decoding: with `decode_fn` + `kv_cache` (block) or `full_fn` (block_nocache); the stop rules of
-    the options need `eos_id` (the EOS that ends a sample and fills what follows)."""
+    """Exact block decoding: with `decode_fn` + `kv_cache` (block) or `full_fn` (block_nocache, also semi-AR MDLM
+    decoding with a context window); the stop rules of the options need `eos_id` (the EOS that ends a sample and
+    fills what follows). The `window` option (no-cache path): each block's forward sees only the `window` tokens
+    ending at the block's end (the first `window` tokens for the early blocks), re-positioned from 0, so a sample
+    can be longer than the model's training length (MDLM / BD3-LM sliding-window generation)."""
     n, length = spec.num_samples, template.shape[0]
     num_blocks = length // block_size
     steps = max(1, spec.steps // num_blocks)
     tokens = jnp.broadcast_to(template.astype(jnp.int32), (n, length))
     state = init_state(tokens, rng, kv_cache)
     stop_at_eos, entropy_stop = spec.option("stop_at_eos", False), spec.option("entropy_stop", 0.0)
+    window = min(spec.option("window", 0) or length, length)  # the model sees tokens [end - window, end)
 
     def block_body(st: SamplerState, b: Array) -> SamplerState:
         start = b * block_size
@@ -116,8 +122,10 @@ def block_sample(decode_fn: DecodeFn | None, full_fn: FullFn | None, kv_cache: A
                 return decode_fn(z, t, st.cache, start)[0]
         else:
             def logits_fn(z: Array, t: Array) -> Array:
-                full = full_fn(jax.lax.dynamic_update_slice_in_dim(st.tokens, z, start, axis=1), t)
-                return jax.lax.dynamic_slice_in_dim(full, start, block_size, axis=1)
+                seq = jax.lax.dynamic_update_slice_in_dim(st.tokens, z, start, axis=1)
+                begin = jnp.clip(start + block_size - window, 0, length - window)  # 0 when window = length
+                full = full_fn(jax.lax.dynamic_slice_in_dim(seq, begin, window, axis=1), t)
+                return jax.lax.dynamic_slice_in_dim(full, start - begin, block_size, axis=1)
         inner = _run_block(ms, st, blk, logits_fn, steps)
         new = st.replace(tokens=jax.lax.dynamic_update_slice_in_dim(st.tokens, inner.tokens, start, axis=1),
                          rng=inner.rng, step=inner.step, nfe=inner.nfe)

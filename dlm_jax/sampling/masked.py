@@ -84,6 +84,16 @@ class SemiAROptions:
     time_grid: str = time_grid_option()
 
 
+def window_option() -> int:
+    return option(0, "context window W (a multiple of the block): each block sees only the W tokens ending at its "
+                     "end, positions from 0, so samples may be longer than data.seq_len; 0: the whole sequence")
+
+
+@dataclasses.dataclass(frozen=True)
+class SlidingSemiAROptions(SemiAROptions):
+    window: int = window_option()
+
+
 # -- the two halves of a masked step -------------------------------------------------------------
 # A proposal gives x0 candidates for every position; a commit rule picks which masked positions take theirs.
 # ProposalFn(rng, logits [N, L, V], tokens [N, L], t) -> x0 [N, L]: the denoiser's draw by default; EDLM swaps in
@@ -296,11 +306,26 @@ def check_blocks(sampler: str, length: int, block: int, steps: int, what: str = 
                         f"{num_blocks} (e.g. --steps={num_blocks * max(1, round(steps / num_blocks))})")
 
 
-def check_spec(spec: SampleSpec, time_conditioned: bool) -> None:
-    """One-line errors for settings a masked sampler (a rule, or semi_ar around one) cannot run with."""
+def check_spec(spec: SampleSpec, time_conditioned: bool, seq_len: int | None = None) -> None:
+    """One-line errors for settings a masked sampler (a rule, or semi_ar around one) cannot run with; with the
+    model's `seq_len`, also its length and context window (`check_window`)."""
     check_runner(inner_rule(spec), time_conditioned)
     if spec.sampler == "semi_ar":
         check_blocks("semi_ar", spec.length, semi_ar_block_length(spec), spec.steps)
+    if seq_len is not None:
+        check_window(spec, semi_ar_block_length(spec), seq_len)
+
+
+def check_window(spec: SampleSpec, block: int, seq_len: int) -> None:
+    """A context window fits the model (<= data.seq_len) and holds whole blocks; without one, the sample does."""
+    window = spec.option("window", 0)
+    if window < 0 or window % block or window > seq_len:
+        raise UserError(f"--sampler.window={window} must be a multiple of the block ({block}) and at most the "
+                        f"model's data.seq_len={seq_len} (0: no window)")
+    if not window and spec.length > seq_len:
+        raise UserError(f"the model was trained on data.seq_len={seq_len} tokens; cannot sample {spec.length} "
+                        f"(lower --length, or slide a context window: --sampler=semi_ar / block_nocache with "
+                        f"--sampler.window={seq_len - seq_len % block})")
 
 
 def inner_rule(spec: SampleSpec) -> str:
