@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dlm_jax.kernels import attention as attention_lib
-from dlm_jax.kernels import pallas_attention, reference
+from dlm_jax.kernels import pallas_cached, pallas_flash, reference, splash
 
 # relative error bound (Frobenius) of a kernel vs the reference computed in the same dtype
 RTOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -81,7 +81,7 @@ def test_masks_reject_bad_arguments():
 def test_kv_ranges_cover_mask_and_skip(mode, block_size, length, tile):
     """Every allowed key of a query tile lies in the tile's KV ranges; the ranges skip what they should."""
     mask = np.asarray(reference.attention_bias_mask(mode, length, length, block_size))
-    visited = _check_tile_ranges(pallas_attention._kv_ranges, mask, mode, block_size, tile)
+    visited = _check_tile_ranges(pallas_flash._kv_ranges, mask, mode, block_size, tile)
     assert visited < mask.shape[0] * mask.shape[1] / 2 + length * tile  # about the mask's density
 
 
@@ -92,7 +92,7 @@ def test_q_ranges_cover_mask_and_skip(mode, block_size, length, tile):
     """Every query that may see a key of a KV tile lies in the tile's query ranges (the backward's dk / dv loop)."""
     m = reference.attention_bias_mask(mode, length, length, block_size)
     mask = np.broadcast_to(True if m is None else np.asarray(m), (length, length))
-    visited = _check_tile_ranges(pallas_attention._q_ranges, mask.T, mode, block_size, tile)
+    visited = _check_tile_ranges(pallas_flash._q_ranges, mask.T, mode, block_size, tile)
     assert visited <= mask.sum() + 2 * length * tile  # about the mask's density
 
 
@@ -116,7 +116,7 @@ def _check_tile_ranges(ranges_fn, mask, mode, block_size, tile) -> int:
 
 @functools.cache
 def _flash(mode, block_size, block_q, block_k):
-    return jax.jit(lambda q, k, v: pallas_attention.flash_attention(q, k, v, mode, block_size, block_q, block_k,
+    return jax.jit(lambda q, k, v: pallas_flash.flash_attention(q, k, v, mode, block_size, block_q, block_k,
                                                                     interpret=True))
 
 
@@ -166,7 +166,7 @@ def test_flash_backward_shapes(mode, block_size, shape, bwd_block):
     """Several dq / dk-dv tiles, padding everywhere, backward tiles unlike the forward's."""
     q, k, v = _qkv(*shape[:4], seed=5, kv_length=shape[4] if len(shape) > 4 else None)
     w = _rand(q.shape, 9)
-    got = _grads(lambda q, k, v: pallas_attention.flash_attention(q, k, v, mode, block_size, 32, 16, bwd_block,
+    got = _grads(lambda q, k, v: pallas_flash.flash_attention(q, k, v, mode, block_size, 32, 16, bwd_block,
                                                                   interpret=True), q, k, v, w)
     want = _grads(lambda q, k, v: ref_attention(q, k, v, mode, block_size), q, k, v, w)
     for g, r in zip(got, want, strict=True):
@@ -185,7 +185,7 @@ def test_flash_backward_shapes(mode, block_size, shape, bwd_block):
 def test_cached_matches_reference(block_mask_mode, block_len, max_len, dtype, splits):
     q, k, v = _qkv(2, block_len, 2, 8, dtype, seed=13)
     k_cache, v_cache = _rand((2, max_len, 2, 8), 17, dtype), _rand((2, max_len, 2, 8), 19, dtype)
-    kernel = jax.jit(functools.partial(pallas_attention.cached_attention, block_mask_mode=block_mask_mode,
+    kernel = jax.jit(functools.partial(pallas_cached.cached_attention, block_mask_mode=block_mask_mode,
                                        block_k=16, num_splits=splits, interpret=True))
     for n in (0, max_len // 2 + 1, max_len):  # empty cache, a partial tile, full cache: one compile (n is traced)
         want = ref_cached(q, k, v, k_cache, v_cache, jnp.int32(n), block_mask_mode)
@@ -215,7 +215,7 @@ def test_cached_decoding_in_scan_matches_full_attention():
 
 
 def test_splash_mask_matches_reference_with_padding():
-    mask = pallas_attention.splash_mask("bd3_train", 10, 16, 2).array
+    mask = splash.splash_mask("bd3_train", 10, 16, 2).array
     np.testing.assert_array_equal(mask[:10, :10], _mask("bd3_train", 10, 2).astype(bool))
     assert not mask[:10, 10:].any()  # padded keys are never seen by real queries
     assert mask[10:, :10].all() and not mask[10:, 10:].any()  # padded queries see real keys only (no NaN rows)
@@ -224,7 +224,7 @@ def test_splash_mask_matches_reference_with_padding():
 @pytest.mark.parametrize("mode,block_size,length", [("block_causal", 4, 100)])  # bd3_train: the gradient test
 def test_splash_interpret_matches_reference(mode, block_size, length):
     q, k, v = _qkv(1, length, 2, 32, seed=29)
-    out = jax.jit(lambda q, k, v: pallas_attention.splash_attention(q, k, v, mode, block_size, interpret=True))(
+    out = jax.jit(lambda q, k, v: splash.splash_attention(q, k, v, mode, block_size, interpret=True))(
         q, k, v)
     _assert_close(out, ref_attention(q, k, v, mode, block_size), jnp.float32)
 
@@ -235,7 +235,7 @@ def test_splash_interpret_gradients():
     def grads(fn):
         return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2), argnums=(0, 1, 2)))(q, k, v)
 
-    got = grads(lambda q, k, v: pallas_attention.splash_attention(q, k, v, "bd3_train", 8, interpret=True))
+    got = grads(lambda q, k, v: splash.splash_attention(q, k, v, "bd3_train", 8, interpret=True))
     want = grads(lambda q, k, v: ref_attention(q, k, v, "bd3_train", 8))
     for g, r in zip(got, want, strict=True):
         _assert_close(g, r, jnp.float32)
@@ -318,12 +318,12 @@ def test_lowers_for_gpu_and_tpu():
     seq = [jax.ShapeDtypeStruct((2, 200, 2, 64), jnp.bfloat16)] * 3
     cache = [jax.ShapeDtypeStruct((2, 1000, 2, 64), jnp.bfloat16)] * 2 + [jax.ShapeDtypeStruct((), jnp.int32)]
     lowered = [
-        ("cuda", lambda q, k, v: pallas_attention.flash_attention(q, k, v, "bd3_train", 16), seq),
-        *[("cuda", jax.grad(lambda q, k, v, m=m, b=b: jnp.sum(pallas_attention.flash_attention(q, k, v, m, b)),
+        ("cuda", lambda q, k, v: pallas_flash.flash_attention(q, k, v, "bd3_train", 16), seq),
+        *[("cuda", jax.grad(lambda q, k, v, m=m, b=b: jnp.sum(pallas_flash.flash_attention(q, k, v, m, b)),
                             argnums=(0, 1, 2)), seq) for m, b in MODES],
-        ("cuda", functools.partial(pallas_attention.cached_attention, block_mask_mode="causal", num_splits=4),
+        ("cuda", functools.partial(pallas_cached.cached_attention, block_mask_mode="causal", num_splits=4),
          block + cache),
-        ("tpu", lambda q, k, v: pallas_attention.splash_attention(q, k, v, "bd3_train", 16), seq),
+        ("tpu", lambda q, k, v: splash.splash_attention(q, k, v, "bd3_train", 16), seq),
     ]
     for platform, fn, args in lowered:
         module = export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args).mlir_module()

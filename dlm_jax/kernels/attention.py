@@ -2,9 +2,9 @@
 
 impl:
   xla               plain jnp (`reference.py`), any backend.
-  pallas            GPU: the Pallas (Triton) kernels of `pallas_attention.py` (flash forward + backward, split-KV
-                    cached attention). TPU: splash attention for `attention`, the XLA reference for
-                    `cached_attention`. Not available on CPU.
+  pallas            GPU: the Pallas (Triton) kernels: `pallas_flash.py` (flash forward + backward) and
+                    `pallas_cached.py` (split-KV cached attention). TPU: splash attention (`splash.py`) for
+                    `attention`, the XLA reference for `cached_attention`. Not available on CPU.
   cudnn             GPU, bfloat16 / float16: cuDNN's fused attention (`jax.nn.dot_product_attention`), with our
                     masks; `cached_attention` treats it as auto.
   pallas_interpret  the Pallas GPU kernels with `interpret=True` (runs anywhere, slowly: for tests).
@@ -16,7 +16,7 @@ Mask modes are documented in `reference.py`.
 import jax
 import jax.numpy as jnp
 
-from dlm_jax.kernels import pallas_attention, reference
+from dlm_jax.kernels import pallas_cached, pallas_flash, reference, splash
 
 IMPLS = ("auto", "xla", "pallas", "cudnn", "pallas_interpret")
 HALF_DTYPES = (jnp.bfloat16, jnp.float16)  # what cuDNN attention takes, and what AUTO was timed in
@@ -84,8 +84,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_mode: str = "full",
     if impl == "cudnn":
         return _cudnn_attention(q, k, v, mask_mode, block_size)
     if impl == "pallas" and jax.default_backend() == "tpu":
-        return pallas_attention.splash_attention(q, k, v, mask_mode, block_size)
-    return pallas_attention.flash_attention(q, k, v, mask_mode, block_size, interpret=impl == "pallas_interpret")
+        return splash.splash_attention(q, k, v, mask_mode, block_size)
+    return pallas_flash.flash_attention(q, k, v, mask_mode, block_size, interpret=impl == "pallas_interpret")
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
@@ -95,5 +95,5 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Arra
     impl = resolve_impl(impl, "cached", block_mask_mode, k_cache.shape[1], q.dtype)
     if impl == "xla" or (impl == "pallas" and jax.default_backend() == "tpu"):
         return reference.cached_attention(q, k, v, k_cache, v_cache, cache_len, block_mask_mode)
-    return pallas_attention.cached_attention(q, k, v, k_cache, v_cache, cache_len, block_mask_mode,
-                                             interpret=impl == "pallas_interpret")
+    return pallas_cached.cached_attention(q, k, v, k_cache, v_cache, cache_len, block_mask_mode,
+                                          interpret=impl == "pallas_interpret")
