@@ -172,14 +172,14 @@ def _sampling_setup(args, config, sampler: str | None, steps: int, options: dict
     if length is None and args.infill is None:
         length = config.sample.length or config.data.seq_len
     template = build_template(exp.tokenizer, length, args.prompt, args.infill)
-    if len(template) > config.data.seq_len and not any(k == "window" for k in options):
-        raise UserError(f"the model was trained on data.seq_len={config.data.seq_len} tokens; cannot sample "
-                        f"{len(template)} (lower --length, or slide a context window: --sampler.window=W with "
-                        "--sampler=semi_ar or block_nocache)")
     sampler = sampler or exp.family.default_sampler
     spec = SampleSpec(sampler=sampler, num_samples=num_samples, length=len(template), steps=steps,
                       temperature=temperature, top_p=args.top_p,
                       options=sampler_options(exp.family, sampler, options))
+    if len(template) > config.data.seq_len and not spec.option("window", 0):
+        raise UserError(f"the model was trained on data.seq_len={config.data.seq_len} tokens; cannot sample "
+                        f"{len(template)} (lower --length, or slide a context window: --sampler.window=W with "
+                        "--sampler=semi_ar or block_nocache)")
     exp.family.check_sample(spec, template)
     judge = Judge(args.judge_workdir) if args.judge_workdir else None
     if judge is not None:

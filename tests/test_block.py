@@ -283,7 +283,10 @@ def test_window_entropy_and_stop_lengths():
     long = jnp.concatenate([jnp.arange(256), jnp.full((256,), 7)])[None].astype(jnp.int32)  # diverse, then flat
     gen = jnp.ones((512,), bool)
     assert int(block_sampling.stop_lengths(long, gen, jnp.int32(496), 16, -1, False, 4.0)[0]) == 256  # drop window
-    assert int(block_sampling.stop_lengths(long, gen, jnp.int32(240), 16, -1, False, 4.0)[0]) == 512  # H = log 256
+    assert int(block_sampling.stop_lengths(long, gen, jnp.int32(240), 16, -1, False, 4.0)[0]) == 512  # 256 done
+    assert int(block_sampling.stop_lengths(long, gen, jnp.int32(256), 16, -1, False, 4.0)[0]) == 512  # H > 4
+    flat = jnp.full((1, 128), 7, jnp.int32)  # a short sample is never checked (BD3-LM: only past 256 tokens)
+    assert int(block_sampling.stop_lengths(flat, gen[:128], jnp.int32(112), 16, -1, False, 4.0)[0]) == 128
 
 
 def test_variable_length_block_sampling_stops_at_eos():

@@ -15,8 +15,9 @@ unrolled at trace time (one compiled program, a `lax.scan` per block).
 
 Variable length (BD3-LM, `block` / `block_nocache` options): `stop_at_eos` ends a sample at its first generated EOS;
 `entropy_stop` > 0 ends it when the unigram entropy (nats) of its last ENTROPY_WINDOW tokens falls below that
-value (BD3-LM uses 4) and drops that window. A stopped sample's later positions are EOS (the other samples of the
-batch go on); `lengths` [N] in the stats says where each sample ends.
+value (BD3-LM uses 4, on GPT-2 tokens) and drops that window; checked only past ENTROPY_WINDOW tokens. A stopped
+sample's later positions are EOS (the other samples of the batch go on); `lengths` [N] in the stats says where each
+sample ends.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def window_entropy(tokens: Array, end: Array, window: int) -> Array:
 def stop_lengths(tokens: Array, generated: Array, start: Array, block_size: int, eos_id: int, stop_at_eos: bool,
                  entropy_stop: float) -> Array:
     """Where each sample stops after the block at `start` ([N]; L = does not stop): just after its first generated
-    EOS in the block, or, when the entropy of its last ENTROPY_WINDOW tokens is below `entropy_stop`, before them."""
+    EOS in the block, or, once more than ENTROPY_WINDOW tokens are done and the entropy of the last ENTROPY_WINDOW
+    is below `entropy_stop`, before them (samples of at most ENTROPY_WINDOW tokens are never checked)."""
     n, length = tokens.shape
     end = start + block_size
     stop = jnp.full((n,), length, jnp.int32)
@@ -76,10 +78,9 @@ def stop_lengths(tokens: Array, generated: Array, start: Array, block_size: int,
         blk = jax.lax.dynamic_slice_in_dim(tokens, start, block_size, axis=1)
         is_eos = (blk == eos_id) & jax.lax.dynamic_slice_in_dim(generated, start, block_size)[None]
         stop = jnp.where(is_eos.any(axis=1), start + jnp.argmax(is_eos, axis=1) + 1, stop)
-    if entropy_stop > 0:
-        window = min(ENTROPY_WINDOW, length)
-        low = (end >= window) & (window_entropy(tokens, end, window) < entropy_stop)
-        stop = jnp.where(low, jnp.minimum(stop, end - window), stop)
+    if entropy_stop > 0 and length > ENTROPY_WINDOW:  # BD3-LM checks once a sample is longer than the window
+        low = (end > ENTROPY_WINDOW) & (window_entropy(tokens, end, ENTROPY_WINDOW) < entropy_stop)
+        stop = jnp.where(low, jnp.minimum(stop, end - ENTROPY_WINDOW), stop)
     return stop
 
 
