@@ -40,12 +40,13 @@ def ensure_trained(recipe: str, workdir: str, data_path: str, num_steps: int, ov
     return True
 
 
-def evaluate(workdir: str, num_batches: int) -> dict:
-    """Val NELBO / NLL of the latest checkpoint (the same numbers as `dlm-jax eval`)."""
+def evaluate(workdir: str, num_batches: int, extras: bool = False) -> dict:
+    """Val NELBO / NLL of the latest checkpoint (the same numbers as `dlm-jax eval`; with `extras` also the family's
+    extra eval, as `dlm-jax eval` prints it)."""
     config = load_workdir_config(workdir)
     exp, params, step = restore_for_inference(workdir, config)
     with sharding.mesh_context(exp.mesh):
-        return Evaluator(exp, sharding.batch_sharding(exp.mesh)).run(params, step, num_batches)
+        return Evaluator(exp, sharding.batch_sharding(exp.mesh)).run(params, step, num_batches, extras=extras)
 
 
 def random_model(recipe: str, overrides: tuple[str, ...] = ()) -> tuple[Any, Any]:

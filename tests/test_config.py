@@ -20,6 +20,9 @@ def test_every_config_loads_validates_and_has_the_common_keys(path):
     config = families.load_config_file(path)
     if config.data.source in ("text_files", "array_record") and not config.data.path:
         config = config_lib.apply_overrides(config, ["--config.data.path=some/file.txt"])
+    for component in families.get(config.model.family).component_families:  # trained elsewhere: a path is enough
+        if not config.components[component].workdir:
+            config = config_lib.apply_overrides(config, [f"--config.components.{component}.workdir=some/workdir"])
     families.validate(config)
     for key in REQUIRED_KEYS:
         config_lib.get_value(config, key)
@@ -40,6 +43,13 @@ def test_required_recipes_exist_with_their_settings():
     text8 = load("mdlm_text8.py")
     assert (text8.data.tokenizer, text8.data.seq_len) == ("char", 256)
     assert load("shakespeare_ar.py").model.family == "ar" and load("shakespeare_mdlm.py").model.family == "mdlm"
+    for name, fusion, tokenizer, length in (("ccdd_owt.py", "joint_attention", "gpt2", 1024),
+                                            ("ccdd_lm1b.py", "two_stream", "bert-base-uncased", 128)):
+        c = load(name)  # the paper's small: 12 x 768, latent 32
+        assert (c.model.family, c.ccdd.fusion, c.ccdd.latent_dim, c.model.num_layers, c.model.d_model) == (
+            "ccdd", fusion, 32, 12, 768)
+        assert (c.data.tokenizer_path, c.data.seq_len) == (tokenizer, length)
+    assert load("shakespeare_ccdd.py").model.family == "ccdd"
 
 
 def test_overrides_are_parsed_with_the_key_type():

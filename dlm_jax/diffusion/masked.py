@@ -40,22 +40,33 @@ def forward_mask(rng: Array, x0: Array, alpha_t: Array, mask_id: int) -> tuple[A
     return jnp.where(is_masked, mask_id, x0), is_masked
 
 
-def nelbo_terms_at(
-    logits_fn: LogitsFn, x0: Array, loss_mask: Array, t: Array, rng: Array, schedule: MaskSchedule,
-    num_timesteps: int, mask_id: int,
-) -> dict[str, Array]:
-    """NELBO terms at given times t [B]: nll_sum (weighted masked cross-entropy, nats), num_tokens, mask_rate.
+def masked_token_nll(logits: Array, x0: Array, is_masked: Array, mask_id: int) -> Array:
+    """-log p_theta(x0 | z_t) under SUBS at the masked positions, 0 at clean ones (carry-over): [B, L] nats."""
+    return jnp.where(is_masked, token_nll(subs_logits(logits, mask_id), x0), 0.0)
 
-    Sums run over the whole batch so callers can pool them across batches and devices.
-    """
-    z_t, is_masked = forward_mask(rng, x0, schedule.alpha(t), mask_id)
-    nll = token_nll(subs_logits(logits_fn(z_t, t), mask_id), x0)  # [B, L]
+
+def masked_nll_terms(logits: Array, x0: Array, is_masked: Array, loss_mask: Array, t: Array,
+                     schedule: MaskSchedule, num_timesteps: int, mask_id: int) -> dict[str, Array]:
+    """NELBO terms of raw logits [B, L, V+1] predicted from z_t: nll_sum (the weighted masked cross-entropy under
+    SUBS, nats), num_tokens, mask_rate. Clean tokens cost 0 (carry-over)."""
     if num_timesteps > 0:
         weight = schedule.discrete_weight(t, num_timesteps)
     else:
         weight = schedule.continuous_weight(t)
-    per_token = jnp.where(is_masked, nll, 0.0) * weight[:, None] * loss_mask  # carry-over: clean tokens cost 0
+    per_token = masked_token_nll(logits, x0, is_masked, mask_id) * weight[:, None] * loss_mask
     return {"nll_sum": per_token.sum(), "num_tokens": loss_mask.sum(), "mask_rate": is_masked.mean()}
+
+
+def nelbo_terms_at(
+    logits_fn: LogitsFn, x0: Array, loss_mask: Array, t: Array, rng: Array, schedule: MaskSchedule,
+    num_timesteps: int, mask_id: int,
+) -> dict[str, Array]:
+    """NELBO terms at given times t [B] (`masked_nll_terms` of one masking draw).
+
+    Sums run over the whole batch so callers can pool them across batches and devices.
+    """
+    z_t, is_masked = forward_mask(rng, x0, schedule.alpha(t), mask_id)
+    return masked_nll_terms(logits_fn(z_t, t), x0, is_masked, loss_mask, t, schedule, num_timesteps, mask_id)
 
 
 def nelbo_terms(

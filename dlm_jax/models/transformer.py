@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -61,7 +62,7 @@ class TransformerConfig:
         return jnp.dtype(self.dtype)
 
 
-def _dense_init(axes: tuple[str, ...], init=None):
+def dense_init(axes: tuple[str, ...], init=None):
     return nn.with_logical_partitioning(init or nn.initializers.lecun_normal(), axes)
 
 
@@ -124,7 +125,7 @@ class Projection(nn.Module):
         init = nn.initializers.variance_scaling(
             1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out))
         )
-        kernel = self.param("kernel", _dense_init(self.axes, init), self.in_shape + self.out_shape)
+        kernel = self.param("kernel", dense_init(self.axes, init), self.in_shape + self.out_shape)
         contract = tuple(range(x.ndim - n_in, x.ndim))
         return jax.lax.dot_general(
             x.astype(self.dtype), kernel.astype(self.dtype), ((contract, tuple(range(n_in))), ((), ()))
@@ -141,12 +142,15 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, cos: Array, sin: Array, cache: KVCache | None = None,
-                 cache_index: Array | None = None, cache_len: Array | None = None) -> tuple[Array, KVCache | None]:
+                 cache_index: Array | None = None, cache_len: Array | None = None,
+                 context: Array | None = None) -> tuple[Array, KVCache | None]:
+        """`context` [B, L, d_model] (no cache): cross-attention, keys and values from it at the same positions."""
         cfg = self.cfg
         heads = (cfg.num_heads, cfg.head_dim)
         q, k, v = (
-            Projection((cfg.d_model,), heads, ("embed", "heads", "kv"), cfg.compute_dtype, name=n)(x)
-            for n in ("query", "key", "value")
+            Projection((cfg.d_model,), heads, ("embed", "heads", "kv"), cfg.compute_dtype, name=n)(src)
+            for n, src in (("query", x), ("key", x if context is None else context),
+                           ("value", x if context is None else context))
         )  # [B, L, H, D]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q = _constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
@@ -176,7 +180,7 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
-        dense = dict(dtype=cfg.compute_dtype, use_bias=False, kernel_init=_dense_init(("embed", "mlp")))
+        dense = dict(dtype=cfg.compute_dtype, use_bias=False, kernel_init=dense_init(("embed", "mlp")))
         if cfg.mlp_type == "swiglu":
             gate = nn.Dense(cfg.mlp_dim, name="wi_gate", **dense)(x)
             h = nn.silu(gate) * nn.Dense(cfg.mlp_dim, name="wi", **dense)(x)
@@ -184,11 +188,11 @@ class Mlp(nn.Module):
             h = nn.gelu(nn.Dense(cfg.mlp_dim, name="wi", **dense)(x))
         h = _constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
         return nn.Dense(
-            cfg.d_model, dtype=cfg.compute_dtype, use_bias=False, kernel_init=_dense_init(("mlp", "embed")), name="wo"
+            cfg.d_model, dtype=cfg.compute_dtype, use_bias=False, kernel_init=dense_init(("mlp", "embed")), name="wo"
         )(h)
 
 
-def _modulation(cond: Array | None, num: int, d_model: int, name: str) -> list[Array | None]:
+def modulation(cond: Array | None, num: int, d_model: int, name: str) -> list[Array | None]:
     """adaLN-zero: `num` vectors [B, 1, D] from cond (zero-initialised), or Nones without conditioning.
 
     Called inside a compact `__call__`, so the Dense registers on the calling module.
@@ -197,15 +201,20 @@ def _modulation(cond: Array | None, num: int, d_model: int, name: str) -> list[A
         return [None] * num
     mod = nn.Dense(
         num * d_model,
-        kernel_init=_dense_init(("cond", "embed"), nn.initializers.zeros),
+        kernel_init=dense_init(("cond", "embed"), nn.initializers.zeros),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
         name=name,
     )(nn.silu(cond))
     return [m[:, None, :] for m in jnp.split(mod, num, axis=-1)]
 
 
-def _modulate(x: Array, shift: Array | None, scale: Array | None) -> Array:
+def modulate(x: Array, shift: Array | None, scale: Array | None) -> Array:
     return x if shift is None else x * (1 + scale.astype(x.dtype)) + shift.astype(x.dtype)
+
+
+def gated_residual(x: Array, gate: Array | None, h: Array) -> Array:
+    """x + gate * h (adaLN-zero's gate; x + h without conditioning)."""
+    return x + (h if gate is None else gate.astype(h.dtype) * h)
 
 
 class Block(nn.Module):
@@ -220,15 +229,92 @@ class Block(nn.Module):
     def __call__(self, x: Array, cond: Array | None, cos: Array, sin: Array, cache: KVCache | None = None,
                  cache_index: Array | None = None, cache_len: Array | None = None) -> tuple[Array, KVCache | None]:
         cfg = self.cfg
-        shift1, scale1, gate1, shift2, scale2, gate2 = _modulation(cond, 6, cfg.d_model, "adaln")
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation(cond, 6, cfg.d_model, "adaln")
         h, cache = Attention(cfg, self.mask_mode, self.read_cache, name="attention")(
-            _modulate(Norm(cfg.norm, name="norm1")(x), shift1, scale1), cos, sin, cache, cache_index, cache_len)
+            modulate(Norm(cfg.norm, name="norm1")(x), shift1, scale1), cos, sin, cache, cache_index, cache_len)
         h = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(h)
-        x = x + (h if gate1 is None else gate1.astype(h.dtype) * h)
-        h = Mlp(cfg, name="mlp")(_modulate(Norm(cfg.norm, name="norm2")(x), shift2, scale2))
+        x = gated_residual(x, gate1, h)
+        h = Mlp(cfg, name="mlp")(modulate(Norm(cfg.norm, name="norm2")(x), shift2, scale2))
         h = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(h)
-        x = x + (h if gate2 is None else gate2.astype(h.dtype) * h)
-        return _constrain(x, ("activation_batch", "activation_length", "activation_embed")), cache
+        x = gated_residual(x, gate2, h)
+        x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        self.sow("intermediates", "hidden", x)
+        return x, cache
+
+
+def embed_tokens(cfg: TransformerConfig, tokens: Array) -> Array:
+    """tokens [B, L] -> [B, L, D] through the `embed` table (registered on the calling compact module)."""
+    embed = nn.Embed(
+        cfg.vocab_size,
+        cfg.d_model,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+        name="embed",
+    )
+    x = embed(tokens).astype(cfg.compute_dtype)
+    return _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+
+
+def time_condition(cfg: TransformerConfig, t: Array, prefix: str = "time") -> Array:
+    """adaLN conditioning vector [B, cond_dim] of t [B]: sinusoidal -> Dense `<prefix>_in` -> SiLU -> `<prefix>_out`."""
+    dense = dict(kernel_init=dense_init((None, "cond")))
+    cond = nn.Dense(cfg.cond_dim, name=f"{prefix}_in", **dense)(timestep_embedding(t, cfg.cond_dim))
+    return nn.Dense(cfg.cond_dim, name=f"{prefix}_out", **dense)(nn.silu(cond))
+
+
+def final_norm(cfg: TransformerConfig, x: Array, cond: Array | None, prefix: str = "") -> Array:
+    """The last (adaLN-modulated) norm before a head: [B, L, D] -> [B, L, D]."""
+    shift, scale = modulation(cond, 2, cfg.d_model, f"{prefix}final_adaln")
+    return modulate(Norm(cfg.norm, name=f"{prefix}final_norm")(x), shift, scale)
+
+
+def output_head(cfg: TransformerConfig, x: Array, features: int, name: str = "head",
+                axis: str | None = "vocab") -> Array:
+    """A zero-initialised linear read-out of the final normed hidden state: [B, L, D] -> [B, L, features] float32."""
+    out = nn.Dense(features, dtype=cfg.compute_dtype, use_bias=False,
+                   kernel_init=dense_init(("embed", axis), nn.initializers.zeros), name=name)(x)
+    return _constrain(out.astype(jnp.float32),
+                      ("activation_batch", "activation_length", f"activation_{axis}" if axis else None))
+
+
+def remat_block(block: type[nn.Module], cfg: TransformerConfig) -> type[nn.Module]:
+    """The block class under the configured rematerialisation (none | full | dots)."""
+    if cfg.remat == "none":
+        return block
+    policy = jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims if cfg.remat == "dots" else None
+    return nn.remat(block, prevent_cse=not cfg.scan_layers, policy=policy)
+
+
+def scanned_layers(block: type[nn.Module], cfg: TransformerConfig, in_axes: tuple, *args) -> nn.Module:
+    """`cfg.num_layers` copies of `block(cfg, *args)` under one `nn.scan` named `layers` (params stacked on a
+    leading `layers` axis; sown `intermediates` stacked too)."""
+    return nn.scan(
+        remat_block(block, cfg),
+        variable_axes={"params": 0, "intermediates": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=in_axes,
+        length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(cfg, *args, name="layers")
+
+
+def run_layers(cfg: TransformerConfig, deterministic: bool, mask_mode: str, x: Array, cond: Array | None,
+               cos: Array, sin: Array, cache: KVCache | None = None, cache_index: Array | int = 0,
+               cache_len: Array | None = None, read_cache: bool = True) -> tuple[Array, KVCache | None]:
+    """The stack of `Block`s (scanned, or unrolled as `layer_i`), each with its slice of the KV cache."""
+    if cfg.scan_layers:
+        stack = scanned_layers(Block, cfg, (nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+                               deterministic, mask_mode, read_cache)
+        return stack(x, cond, cos, sin, cache, cache_index, cache_len)
+    block = remat_block(Block, cfg)
+    layer_caches = []
+    for i in range(cfg.num_layers):
+        layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
+        x, layer_cache = block(cfg, deterministic, mask_mode, read_cache, name=f"layer_{i}")(
+            x, cond, cos, sin, layer_cache, cache_index, cache_len)
+        layer_caches.append(layer_cache)
+    if cache is not None:
+        cache = jax.tree.map(lambda *c: jnp.stack(c), *layer_caches)
+    return x, cache
 
 
 class Transformer(nn.Module):
@@ -239,7 +325,9 @@ class Transformer(nn.Module):
     then returns (logits, cache with the block's K/V written at cache_index). With `cache_len` the block reads
     cache[:cache_len] instead and the cache is returned unchanged (a read-only cache of other positions, e.g.
     Fast-dLLM's dual cache). `positions` [L] overrides the token positions (block diffusion trains on
-    x_t (+) x_0, both halves at 0..L-1); `mask_mode` overrides cfg.mask_mode.
+    x_t (+) x_0, both halves at 0..L-1); `mask_mode` overrides cfg.mask_mode. Applied with
+    `mutable="intermediates"` it also sows every layer's output (`hidden`, stacked [num_layers, B, L, D] when
+    scanned) and the final normed hidden state (`final_hidden`): what a frozen encoder reads (`hidden_states`).
     """
 
     cfg: TransformerConfig
@@ -250,62 +338,35 @@ class Transformer(nn.Module):
                  positions: Array | None = None, mask_mode: str | None = None) -> Array | tuple[Array, KVCache]:
         cfg = self.cfg
         mask_mode = mask_mode or cfg.mask_mode
-        embed = nn.Embed(
-            cfg.vocab_size,
-            cfg.d_model,
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
-            name="embed",
-        )
-        x = embed(tokens).astype(cfg.compute_dtype)  # [B, L, D]
-        x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        x = embed_tokens(cfg, tokens)  # [B, L, D]
         cond = None
         if cfg.time_conditioning:
             if t is None:
                 raise ValueError("this model is time-conditioned: pass t")
-            dense = dict(kernel_init=_dense_init((None, "cond")))
-            cond = nn.Dense(cfg.cond_dim, name="time_in", **dense)(timestep_embedding(t, cfg.cond_dim))
-            cond = nn.Dense(cfg.cond_dim, name="time_out", **dense)(nn.silu(cond))  # [B, cond_dim]
+            cond = time_condition(cfg, t)  # [B, cond_dim]
         read_cache = not (isinstance(cache_index, int) and cache_index == 0 and cache_len is None)
         cache_index = jnp.asarray(cache_index, jnp.int32)
         if positions is None:
             positions = jnp.arange(tokens.shape[1]) + (cache_index if cache is not None else 0)
         cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_base)
-
-        block = Block
-        if cfg.remat != "none":
-            policy = jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims if cfg.remat == "dots" else None
-            block = nn.remat(Block, prevent_cse=not cfg.scan_layers, policy=policy)
-        if cfg.scan_layers:
-            stack = nn.scan(
-                block,
-                variable_axes={"params": 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
-                length=cfg.num_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, deterministic, mask_mode, read_cache, name="layers")
-            x, cache = stack(x, cond, cos, sin, cache, cache_index, cache_len)
-        else:
-            layer_caches = []
-            for i in range(cfg.num_layers):
-                layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
-                x, layer_cache = block(cfg, deterministic, mask_mode, read_cache, name=f"layer_{i}")(
-                    x, cond, cos, sin, layer_cache, cache_index, cache_len)
-                layer_caches.append(layer_cache)
-            if cache is not None:
-                cache = jax.tree.map(lambda *c: jnp.stack(c), *layer_caches)
-
-        shift, scale = _modulation(cond, 2, cfg.d_model, "final_adaln")
-        x = _modulate(Norm(cfg.norm, name="final_norm")(x), shift, scale)
-        logits = nn.Dense(
-            cfg.vocab_size,
-            dtype=cfg.compute_dtype,
-            use_bias=False,
-            kernel_init=_dense_init(("embed", "vocab"), nn.initializers.zeros),
-            name="head",
-        )(x)
-        logits = _constrain(logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab"))
+        x, cache = run_layers(cfg, deterministic, mask_mode, x, cond, cos, sin, cache, cache_index, cache_len,
+                              read_cache)
+        x = final_norm(cfg, x, cond)
+        self.sow("intermediates", "final_hidden", x)
+        logits = output_head(cfg, x, cfg.vocab_size)
         return logits if cache is None else (logits, cache)
+
+
+def hidden_states(model: Transformer, params: Any, tokens: Array, t: Array | None, layer: int) -> Array:
+    """The residual stream after block `layer` (1..num_layers) or, for layer 0, the final normed hidden state
+    (what the head reads): [B, L, D], from one forward with the sown intermediates."""
+    _, state = model.apply({"params": params}, tokens, t, mutable="intermediates")
+    if layer == 0:
+        return state["intermediates"]["final_hidden"][0]
+    cfg = model.cfg
+    if cfg.scan_layers:
+        return state["intermediates"]["layers"]["hidden"][0][layer - 1]
+    return state["intermediates"][f"layer_{layer - 1}"]["hidden"][0]
 
 
 def init_cache(cfg: TransformerConfig, batch: int, max_len: int) -> KVCache:

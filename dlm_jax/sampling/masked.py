@@ -242,23 +242,29 @@ class MaskedSampling:
         m0 = self.todo(state.tokens, active).sum(-1)  # [N]
 
         def step(st: SamplerState, i: Array) -> SamplerState:
-            rng, rng_x0 = jax.random.split(st.rng)
-            todo = self.todo(st.tokens, active)
-            if self.unmask_schedule == "cosine":
-                frac = jnp.cos(0.5 * math.pi * (i + 1.0) / steps)
-                keep_masked = jnp.floor(m0 * frac + 1e-4).astype(jnp.int32)
-            else:  # exact integer floor(m0 (1 - (i + 1) / T))
-                keep_masked = (m0 * (steps - 1 - i)) // steps
-            keep_masked = jnp.where(i == steps - 1, 0, keep_masked)
-            k = todo.sum(-1) - keep_masked  # [N]
             t = 1.0 - i / steps
             logits, forwards = self.first_or_predict(logits_fn, st.tokens, t, primed, i == 0)
-            x0 = self.propose(rng_x0, logits, st.tokens, t)
-            commit = topk_commit(draw_confidence(logits, x0), todo, k)
-            return st.replace(tokens=jnp.where(commit, x0, st.tokens), rng=rng, step=st.step + 1,
-                              nfe=st.nfe + forwards)
+            st = self.topk_update(st, logits, t, m0, i, steps, active)
+            return st.replace(nfe=st.nfe + forwards)
 
         return run_scan(step, state, steps)
+
+    def topk_update(self, state: SamplerState, logits: Array, t: Array, m0: Array, i: Array, steps: int,
+                    active: Array) -> SamplerState:
+        """Step i of `steps` of topk_confidence: proposal x0, then the k most confident [MASK]s commit, k leaving
+        floor(m0 f(i+1)) masked of the m0 [N] there were at the start (`unmask_schedule` f)."""
+        rng, rng_x0 = jax.random.split(state.rng)
+        todo = self.todo(state.tokens, active)
+        if self.unmask_schedule == "cosine":
+            frac = jnp.cos(0.5 * math.pi * (i + 1.0) / steps)
+            keep_masked = jnp.floor(m0 * frac + 1e-4).astype(jnp.int32)
+        else:  # exact integer floor(m0 (1 - (i + 1) / T))
+            keep_masked = (m0 * (steps - 1 - i)) // steps
+        keep_masked = jnp.where(i == steps - 1, 0, keep_masked)
+        k = todo.sum(-1) - keep_masked  # [N]
+        x0 = self.propose(rng_x0, logits, state.tokens, t)
+        commit = topk_commit(draw_confidence(logits, x0), todo, k)
+        return state.replace(tokens=jnp.where(commit, x0, state.tokens), rng=rng, step=state.step + 1)
 
     def final_argmax(self, logits_fn: LogitsFn, state: SamplerState, active: Array | None = None) -> SamplerState:
         """Noise removal: [MASK]s left (in `active`) after the reverse steps take the argmax of one more forward
