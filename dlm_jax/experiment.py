@@ -63,13 +63,19 @@ def build_experiment(config: ml_collections.ConfigDict, devices: list | None = N
     mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_divisibility(config, mesh)
     cls = families.get(config.model.family)
-    components = {name: load_component(config.components[name].workdir, name, accepted, config, devices)
-                  for name, accepted in cls.component_families.items()}
+    components = {name: load_component(config.components[name].workdir, name, cls.component_families[name], config,
+                                       devices)
+                  for name in cls.needed_components(config)}
     family = cls(config, tokenizer, components)
     optimizer = optim.make_optimizer(config.train)
     with sharding.mesh_context(mesh):
         abstract, shardings = abstract_state_and_shardings(family.init_params, optimizer, config, mesh)
     return Experiment(config, tokenizer, family, mesh, optimizer, abstract, shardings)
+
+
+def has_trainable_params(exp: Experiment) -> bool:
+    """False for a model made only of frozen components (e.g. EDLM with an AR energy): nothing to train or save."""
+    return bool(jax.tree.leaves(exp.abstract_state.params))
 
 
 def saved_config_path(workdir: str) -> str:
@@ -88,6 +94,8 @@ def restore_for_inference(workdir: str, config: ml_collections.ConfigDict,
                           devices: list | None = None) -> tuple[Experiment, Any, int]:
     """(experiment, eval params (EMA when kept), step) of the latest checkpoint in workdir; no optimizer work."""
     exp = build_experiment(config, devices)
+    if not has_trainable_params(exp):
+        return exp, exp.family.init_params(jax.random.PRNGKey(0)), 0  # the model is its frozen components
     checkpointer = checkpoint.Checkpointer(workdir, config.train.max_checkpoints)
     with sharding.mesh_context(exp.mesh):
         restored = checkpointer.restore_latest(exp.abstract_state)

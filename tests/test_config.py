@@ -50,6 +50,10 @@ def test_required_recipes_exist_with_their_settings():
             "ccdd", fusion, 32, 12, 768)
         assert (c.data.tokenizer_path, c.data.seq_len) == (tokenizer, length)
     assert load("shakespeare_ccdd.py").model.family == "ccdd"
+    for name, energy in (("shakespeare_edlm_ar.py", "ar"), ("shakespeare_edlm_nce.py", "nce"), ("edlm_owt.py", "nce")):
+        c = load(name)
+        assert (c.model.family, c.edlm.energy) == ("edlm", energy)
+    assert load("edlm_owt.py").model.d_model == load("mdlm_owt.py").model.d_model  # NCE starts from that MDLM
 
 
 def test_overrides_are_parsed_with_the_key_type():

@@ -20,7 +20,12 @@ def shift_right(x: Array, bos_id: int) -> Array:
     return jnp.concatenate([jnp.full_like(x[:, :1], bos_id), x[:, :-1]], axis=1)
 
 
+def token_logprob(logits_fn: Callable[[Array], Array], x: Array, bos_id: int) -> Array:
+    """log p(x^l | x^{<l}) per position of x [B, L] (nats): one causal forward on [BOS] + x[:-1]."""
+    return -token_nll(logits_fn(shift_right(x, bos_id)), x)
+
+
 def nll_terms(logits_fn: Callable[[Array], Array], x: Array, loss_mask: Array, bos_id: int) -> dict[str, Array]:
     """Summed next-token negative log-likelihood (nats) and the number of tokens it covers."""
-    nll = token_nll(logits_fn(shift_right(x, bos_id)), x)  # [B, L]
+    nll = -token_logprob(logits_fn, x, bos_id)  # [B, L]
     return {"nll_sum": (nll * loss_mask).sum(), "num_tokens": loss_mask.sum()}

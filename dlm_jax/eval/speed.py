@@ -18,7 +18,8 @@ def timed_sample(exp: Any, params: Any, spec: SampleSpec, template: np.ndarray, 
     """`spec.num_samples` samples in batches of `batch_size` (batch b uses fold_in(PRNGKey(seed), b)).
 
     Returns (tokens [N, L], {"nfe": mean NFE per batch, "seconds": sampling wall time, compile excluded, and
-    "mean_length" when the sampler ends samples early (its stats carry "lengths")}).
+    "mean_length" when the sampler ends samples early (its stats carry "lengths"), and the mean of any other scalar
+    stat of the sampler (e.g. EDLM's "nfe_energy")}).
     """
     batch = min(batch_size, spec.num_samples)
     batch_spec = dataclasses.replace(spec, num_samples=batch)
@@ -28,7 +29,7 @@ def timed_sample(exp: Any, params: Any, spec: SampleSpec, template: np.ndarray, 
     with sharding.mesh_context(exp.mesh):
         sample = jax.jit(lambda p, frozen, rng: exp.family.bind(frozen).sample(p, rng, batch_spec, template))
         compiled = sample.lower(params, exp.frozen, base).compile()
-        outputs, nfes, lengths, seconds = [], [], [], 0.0
+        outputs, nfes, lengths, seconds, extra = [], [], [], 0.0, {}
         for b in range(num_batches):
             rng = jax.random.fold_in(base, b)
             start = time.perf_counter()
@@ -38,7 +39,10 @@ def timed_sample(exp: Any, params: Any, spec: SampleSpec, template: np.ndarray, 
             nfes.append(int(stats["nfe"]))
             if "lengths" in stats:
                 lengths.append(np.asarray(jax.device_get(stats["lengths"])))
-    timing = {"nfe": float(np.mean(nfes)), "seconds": seconds}
+            for key, value in stats.items():
+                if key not in ("nfe", "lengths") and np.ndim(value) == 0:
+                    extra.setdefault(key, []).append(float(value))
+    timing = {"nfe": float(np.mean(nfes)), "seconds": seconds, **{k: float(np.mean(v)) for k, v in extra.items()}}
     if lengths:
         timing["mean_length"] = float(np.mean(np.concatenate(lengths)[: spec.num_samples]))
     return np.concatenate(outputs)[: spec.num_samples], timing

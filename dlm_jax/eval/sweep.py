@@ -25,8 +25,7 @@ def generation_row(exp: Any, params: Any, spec: SampleSpec, template: np.ndarray
            "length": spec.length, "batch_size": min(batch_size, spec.num_samples), "seconds": timing["seconds"],
            "tokens_per_second": generated / max(timing["seconds"], 1e-9),
            "entropy_bits": unigram_entropy_bits(tokens)}
-    if "mean_length" in timing:  # variable-length sampling: where the samples ended, on average
-        row["mean_length"] = timing["mean_length"]
+    row.update({k: v for k, v in timing.items() if k not in ("nfe", "seconds")})  # mean_length, nfe_energy ...
     if judge is not None:
         row.update(judge.gen_ppl(judge.prepare(tokens, exp.tokenizer, retokenize)))
     return tokens, row
@@ -43,7 +42,8 @@ def run_sweep(exp: Any, params: Any, specs: list[SampleSpec], template: np.ndarr
     paths = {ext: fileio.join(output_dir, f"gen_sweep.{ext}") for ext in ("json", "csv", "png")}
     fileio.write_text(paths["json"], json.dumps(rows, indent=2))
     table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=list(rows[0]), lineterminator="\n")
+    fields = list(dict.fromkeys(k for row in rows for k in row))  # samplers may report different stats
+    writer = csv.DictWriter(table, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     fileio.write_text(paths["csv"], table.getvalue())

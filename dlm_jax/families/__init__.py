@@ -4,10 +4,11 @@
   block  block diffusion (BD3-LM)                  families/block.py
   ar     autoregressive baseline / judge           families/ar.py
   ccdd   joint continuous-discrete diffusion       families/ccdd.py
+  edlm   energy-based residual over a frozen MDLM  families/edlm.py
 A new family is one module that subclasses `base.Family` and registers itself (docs/design.md, "Adding a family").
 """
 
-from dlm_jax.families import ar, block, ccdd, mdlm  # noqa: F401 -- importing a family module registers it
+from dlm_jax.families import ar, block, ccdd, edlm, mdlm  # noqa: F401 -- importing a family module registers it
 from dlm_jax.families.base import Component, Family, Sampler
 from dlm_jax.families.registry import FAMILIES, base_config, config_from_json, get, load_config_file, register, validate
 

@@ -72,6 +72,12 @@ class Family:
         """One-line UserErrors for values of the family's section (and common keys it cannot work with)."""
         del config
 
+    @classmethod
+    def needed_components(cls, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+        """The component slots this config loads (default: every slot of `component_families`)."""
+        del config
+        return tuple(cls.component_families)
+
     def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer, components: dict[str, Component]):
         self.config = config
         self.tokenizer = tokenizer

@@ -66,7 +66,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config_lib.validate_common(config)
     cls = get(config.model.family)
     cls.validate(config)
-    for component, accepted in cls.component_families.items():
+    for component in cls.needed_components(config):
+        accepted = cls.component_families[component]
         if not config.components[component].workdir:
             raise UserError(f"the {cls.name} family needs --config.components.{component}.workdir=WORKDIR "
                             f"(a trained {' or '.join(accepted)} workdir)")

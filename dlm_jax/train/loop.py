@@ -19,7 +19,13 @@ from dlm_jax import fileio
 from dlm_jax.data import pipeline
 from dlm_jax.errors import UserError
 from dlm_jax.eval import likelihood
-from dlm_jax.experiment import Experiment, build_experiment, check_workdir_matches, saved_config_path
+from dlm_jax.experiment import (
+    Experiment,
+    build_experiment,
+    check_workdir_matches,
+    has_trainable_params,
+    saved_config_path,
+)
 from dlm_jax.train import checkpoint, optim, sharding
 from dlm_jax.train.metrics import MetricsWriter
 from dlm_jax.train.state import TrainState, create_train_state, eval_params
@@ -76,6 +82,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (resuming from WORKDIR's latest checkpoint if any) and returns the last logged metrics."""
     exp = build_experiment(config)
     check_workdir_matches(config, workdir)
+    if not has_trainable_params(exp):  # e.g. EDLM with an AR energy: the workdir only records the components
+        fileio.as_path(workdir).mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:
+            fileio.write_text(saved_config_path(workdir), config_lib.to_json(config))
+        names = ", ".join(f"{k}={v.workdir}" for k, v in exp.family.components.items())
+        print(f"{config.model.family}: nothing to train (frozen components {names}); {workdir} is ready for "
+              "`dlm-jax sample` and `dlm-jax eval`")
+        return {"nothing_to_train": True}
     train_data = pipeline.make_dataset(
         config.data, exp.tokenizer, "train", config.train.batch_size // jax.process_count(), seed=config.seed,
         shuffle=config.data.shuffle, repeat=True, process_index=jax.process_index(),
