@@ -181,12 +181,13 @@ def _sampling_setup(args, config, sampler: str | None, steps: int, options: dict
                         f"{len(template)} (lower --length, or slide a context window: --sampler.window=W with "
                         "--sampler=semi_ar or block_nocache)")
     exp.family.check_sample(spec, template)
-    if args.judge_workdir:
-        for component in exp.family.components.values():
-            if os.path.realpath(component.workdir) == os.path.realpath(args.judge_workdir):
-                raise UserError(f"--judge_workdir={args.judge_workdir} is a frozen component of this model "
-                                f"(components.{component.name}): it would grade its own influence; judge with an "
-                                "independently trained AR workdir")
+    if args.judge_workdir:  # a judge the sampler itself consults (EDLM's energy) would grade its own choices
+        for name in exp.family.sampling_components:
+            component = exp.family.components.get(name)
+            if component and os.path.realpath(component.workdir) == os.path.realpath(args.judge_workdir):
+                raise UserError(f"--judge_workdir={args.judge_workdir} is components.{name} of this model, which its "
+                                "sampler runs: it would grade its own choices; judge with an independently trained "
+                                "AR workdir")
     judge = Judge(args.judge_workdir) if args.judge_workdir else None
     if judge is not None:
         judge.prepare(np.zeros((1, 1), np.int32), exp.tokenizer, args.retokenize)  # tokenizer clash: fail early

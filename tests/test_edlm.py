@@ -291,7 +291,7 @@ def test_ar_energy_workdir_through_the_cli(tmp_path, capsys, components, train_c
     assert result["nelbo_residual_lower"] <= result["nelbo"] and 1.0 <= result["log_z_ess_mean"] <= 8.0
     with pytest.raises(SystemExit):
         main.main(["eval", f"--workdir={workdir}", "--gen", f"--judge_workdir={components['ar']}"])
-    assert "is a frozen component of this model (components.ar)" in capsys.readouterr().err
+    assert "is components.ar of this model, which its sampler runs" in capsys.readouterr().err
     sweep = _cli(capsys, "eval", f"--workdir={workdir}", "--gen", f"--judge_workdir={components['judge']}",
                  "--samplers=ancestral,edlm", "--steps_list=4,8", "--num_samples=2", "--length=16",
                  f"--output_dir={tmp_path}")

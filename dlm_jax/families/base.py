@@ -59,6 +59,8 @@ class Family:
     metric_name: ClassVar[str | None] = "nelbo"
     # Frozen components: name -> the families a component of that name may be (config components.<name>.workdir).
     component_families: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # Components the samplers run (EDLM's energy AR): a Gen PPL judge may not be one of them (it would grade itself).
+    sampling_components: ClassVar[tuple[str, ...]] = ()
     samplers: ClassVar[dict[str, Sampler]] = {}  # the first is the default
     shape_keys: ClassVar[tuple[str, ...]] = ()  # keys of the family's section that fix the params' shapes
 

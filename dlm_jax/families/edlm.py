@@ -74,6 +74,7 @@ class EDLM(MaskedFamily):
 
     name: ClassVar[str] = "edlm"
     component_families: ClassVar[dict[str, tuple[str, ...]]] = {"mdlm": ("mdlm",), "ar": ("ar",)}
+    sampling_components: ClassVar[tuple[str, ...]] = ("mdlm", "ar")
     shape_keys: ClassVar[tuple[str, ...]] = ("energy",)
     samplers: ClassVar[dict[str, Sampler]] = {
         "edlm": Sampler(_sample_edlm, energy_sampling.EDLMOptions, _check_edlm,
