@@ -3,6 +3,7 @@ the four reference-code bugs (softmax(+E), probabilities for log-probabilities, 
 mixed, a single-sample plug-in for log Z), the Theorem-1 estimate against enumeration, NCE training, the AR-energy
 workdir through the CLI. The family contract tests (tests/test_families.py) run the nce energy."""
 
+import dataclasses
 import itertools
 import json
 import math
@@ -52,8 +53,8 @@ def test_k1_and_a_candidate_0_energy_give_the_plain_mdlm_tokens():
     logits_fn, template = _random_logits_fn(), jnp.full((12,), MASK, jnp.int32)
     schedule, rng = MaskSchedule("linear"), jax.random.PRNGKey(3)
     spec = _spec(1, num_samples=3, length=12, steps=8)
-    plain, _ = masked_sampling.sample(logits_fn, rng, template, dataclass_replace(spec, "ancestral"), mask_id=MASK,
-                                      schedule=schedule)
+    plain_spec = dataclasses.replace(spec, sampler="ancestral", options=masked_sampling.AncestralOptions())
+    plain, _ = masked_sampling.sample(logits_fn, rng, template, plain_spec, mask_id=MASK, schedule=schedule)
     prefer_first = lambda x_t, x0, t, lp: jnp.where(jnp.arange(x0.shape[0]) % 4 == 0, 0.0, 1e4)  # noqa: E731
     for k, energy in ((1, lambda x_t, x0, t, lp: jnp.zeros(x0.shape[0])), (4, prefer_first)):
         tokens, stats_ = energy_sampling.sample(logits_fn, energy, rng, template, _spec(k, 1.0, num_samples=3,
@@ -61,12 +62,6 @@ def test_k1_and_a_candidate_0_energy_give_the_plain_mdlm_tokens():
                                                 MASK, schedule, 1e-3)
         np.testing.assert_array_equal(tokens, plain)
         assert int(stats_["nfe"]) == 8 and int(stats_["nfe_energy"]) == (7 if k > 1 else 0)
-
-
-def dataclass_replace(spec, sampler):
-    import dataclasses
-
-    return dataclasses.replace(spec, sampler=sampler, options=masked_sampling.AncestralOptions())
 
 
 def test_window_counts_energy_passes():
