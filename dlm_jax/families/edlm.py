@@ -25,7 +25,7 @@ import numpy as np
 from dlm_jax.config import choice
 from dlm_jax.diffusion import autoregressive
 from dlm_jax.diffusion import energy as energy_lib
-from dlm_jax.diffusion.masked import forward_mask, subs_logits
+from dlm_jax.diffusion.masked import forward_mask, masked_token_nll, subs_logits
 from dlm_jax.diffusion.schedules import MaskSchedule, sample_times
 from dlm_jax.errors import UserError
 from dlm_jax.families import registry
@@ -196,8 +196,7 @@ class EDLM(MaskedFamily):
         rng_noise, rng_prop = jax.random.split(rng)
         t, x_t, masked, logits = self._noised(rng_noise, x0)
         weight = self.schedule.continuous_weight(t)  # [B]
-        log_p = jax.nn.log_softmax(logits, axis=-1)
-        token_logp = jnp.where(masked, jnp.take_along_axis(log_p, x0[..., None], axis=-1)[..., 0], 0.0)
+        token_logp = -masked_token_nll(logits, x0, masked, self.mask_id)  # log p_theta(x_0^l | x_t), 0 if visible
         out = {"mdlm": weight * -(token_logp * loss_mask).sum(-1), "tokens": loss_mask.sum(-1)}
         ar_logp = self.ar_logprob(x0) if self.ar is not None else None
         if ar_logp is not None:
@@ -211,8 +210,7 @@ class EDLM(MaskedFamily):
         n, length = self.section.num_proposals, x0.shape[1]
         proposals = energy_sampling.draw_candidates(jax.random.split(rng_prop, n), logits, x_t,
                                                     self.mask_id)  # [B, n, L]
-        prop_logp = jnp.where(masked[:, None], jnp.take_along_axis(log_p[:, None], proposals[..., None],
-                                                                     axis=-1)[..., 0], 0.0)
+        prop_logp = -masked_token_nll(logits[:, None], proposals, masked[:, None], self.mask_id)
         e_props = energy_lib.group_candidates(energy(
             energy_lib.expand_candidates(x_t, n), proposals.reshape(-1, length), energy_lib.expand_candidates(t, n),
             prop_logp.reshape(-1, length)), n)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from dlm_jax.diffusion import energy as energy_lib
+from dlm_jax.diffusion.masked import masked_token_nll
 from dlm_jax.diffusion.schedules import MaskSchedule
 from dlm_jax.errors import UserError
 from dlm_jax.sampling import masked as masked_sampling
@@ -76,21 +77,16 @@ def importance_proposal(energy_fn: EnergyFn, spec: SampleSpec, mask_id: int) -> 
         keys = jnp.stack([rng] + [jax.random.fold_in(rng, j) for j in range(1, k)])  # candidate 0: the plain draw
         candidates = draw_candidates(keys, logits, tokens, mask_id, spec.temperature, spec.top_p)  # [N, k, L]
         masked = tokens == mask_id
-        log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        log_q = log_p
-        if spec.temperature != 1.0 or spec.top_p < 1.0:
-            log_q = jax.nn.log_softmax(nucleus_logits(logits.astype(jnp.float32) / spec.temperature, spec.top_p))
-
-        def per_token(table: Array) -> Array:  # [N, L, V] -> log prob of each candidate's tokens [N, k, L]
-            return jnp.take_along_axis(table[:, None], candidates[..., None], axis=-1)[..., 0]
-
-        token_logp = jnp.where(masked[:, None], per_token(log_p), 0.0)
+        # log p_theta(x_0^l | x_t) of each candidate's masked tokens [N, k, L] (carried-over tokens: 0)
+        token_logp = -masked_token_nll(logits[:, None], candidates, masked[:, None], mask_id)
+        proposal_logp = token_logp
+        if spec.temperature != 1.0 or spec.top_p < 1.0:  # candidates came from the tempered / nucleus q
+            q_logits = nucleus_logits(logits.astype(jnp.float32) / spec.temperature, spec.top_p)
+            proposal_logp = -masked_token_nll(q_logits[:, None], candidates, masked[:, None], mask_id)
         energy = energy_lib.group_candidates(energy_fn(
             energy_lib.expand_candidates(tokens, k), candidates.reshape(n * k, length),
             jnp.broadcast_to(t, (n * k,)), token_logp.reshape(n * k, length)), k)  # [N, k]
-        log_w = energy_lib.log_importance_weights(
-            energy_lib.sequence_logprob(token_logp, masked[:, None]),
-            energy_lib.sequence_logprob(per_token(log_q), masked[:, None]), energy, tau)
+        log_w = energy_lib.log_importance_weights(token_logp.sum(-1), proposal_logp.sum(-1), energy, tau)
         return energy_lib.resample(jax.random.fold_in(rng, k), candidates, log_w)
 
     def propose(rng: Array, logits: Array, tokens: Array, t: Array) -> Array:
