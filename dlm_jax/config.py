@@ -169,6 +169,8 @@ def cast(key: str, value: Any, default: Any) -> Any:
         return float(value)
     if want is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
+    if want is tuple and isinstance(value, (list, tuple)):  # JSON has no tuples: a config.json gives lists
+        return tuple(cast(f"{key}[{i}]", v, default[0]) for i, v in enumerate(value)) if default else tuple(value)
     raise UserError(f"config key {key!r} wants a {want.__name__}, got {value!r} ({type(value).__name__})")
 
 

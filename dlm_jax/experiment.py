@@ -7,10 +7,13 @@ The train loop, eval, the CLI, the Gen PPL judge and the benchmarks build throug
 from __future__ import annotations
 
 import dataclasses
+import io
+import zipfile
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -90,10 +93,36 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     return families.config_from_json(fileio.read_text(path), where=path)
 
 
+def statistics_path(workdir: str) -> str:
+    return fileio.join(workdir, "statistics.npz")
+
+
+def load_statistics(workdir: str) -> dict[str, np.ndarray]:
+    """The data statistics a family saved in the workdir (families/base.py: statistics_*_training); {} if none."""
+    path = statistics_path(workdir)
+    if not fileio.as_path(path).is_file():
+        return {}
+    try:
+        with np.load(io.BytesIO(fileio.as_path(path).read_bytes()), allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path} is unreadable ({e}); retrain, or restore the file from a copy") from None
+
+
+def save_statistics(workdir: str, stats: dict[str, np.ndarray]) -> None:
+    """Adds `stats` to WORKDIR/statistics.npz (written whole, then renamed over the old file; main process)."""
+    if not stats or jax.process_index() != 0:
+        return
+    buffer = io.BytesIO()
+    np.savez(buffer, **{**load_statistics(workdir), **stats})
+    fileio.write_bytes(statistics_path(workdir), buffer.getvalue())
+
+
 def restore_for_inference(workdir: str, config: ml_collections.ConfigDict,
                           devices: list | None = None) -> tuple[Experiment, Any, int]:
     """(experiment, eval params (EMA when kept), step) of the latest checkpoint in workdir; no optimizer work."""
     exp = build_experiment(config, devices)
+    exp.family.use_statistics(load_statistics(workdir), workdir)
     if not has_trainable_params(exp):
         return exp, exp.family.init_params(jax.random.PRNGKey(0)), 0  # the model is its frozen components
     checkpointer = checkpoint.Checkpointer(workdir, config.train.max_checkpoints)

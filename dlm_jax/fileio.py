@@ -111,6 +111,19 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     target.write_text(text)
 
 
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes `data` whole: local files go to a temporary name first, then are renamed over the target (a reader
+    never sees half a file); cloud objects are written in one request."""
+    target = as_path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if is_cloud(path):
+        target.write_bytes(data)
+        return
+    partial = target.parent / (target.name + ".partial")
+    partial.write_bytes(data)
+    os.replace(partial, target)
+
+
 def append_text(path: str | os.PathLike, text: str) -> None:
     """Appends `text` to a file (a cloud object is read and written back whole: objects cannot be appended)."""
     target = as_path(path)

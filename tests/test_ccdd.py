@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dlm_jax.diffusion import ccdd
+from dlm_jax.diffusion import ccdd, gaussian
 from dlm_jax.diffusion.masked import MaskSchedule
 from dlm_jax.errors import UserError
 from dlm_jax.experiment import build_experiment, load_workdir_config, restore_for_inference
@@ -23,7 +23,7 @@ from dlm_jax.train.loop import train
 from dlm_jax.train.metrics import read_metrics
 from tests.helpers import tiny_config
 
-VP, FLOW = ccdd.LatentSchedule("vp_linear"), ccdd.LatentSchedule("flow_linear")
+VP, FLOW = gaussian.LatentSchedule("vp_linear"), gaussian.LatentSchedule("flow_linear")
 
 
 # -- the latent's reverse steps --------------------------------------------------------------------------------
@@ -38,17 +38,17 @@ def _coefficients(step, t, s):
 def test_ddim_and_posterior_coefficients_match_closed_forms():
     for t, s in ((0.5, 0.4), (0.1, 0.001)):
         a_t, b_t, a_s, b_s = math.sqrt(1 - t), math.sqrt(t), math.sqrt(1 - s), math.sqrt(s)
-        on_zt, on_z0 = _coefficients(lambda z, h, t, s: ccdd.ddim_step(z, h, t, s, VP), t, s)
+        on_zt, on_z0 = _coefficients(lambda z, h, t, s: gaussian.ddim_step(z, h, t, s, VP), t, s)
         np.testing.assert_allclose([on_zt, on_z0], [b_s / b_t, a_s - b_s / b_t * a_t], rtol=1e-5)
         abar_t, abar_s = 1 - t, 1 - s  # DESIGN.md section 5's posterior in abar = a^2
-        on_zt, on_z0 = _coefficients(lambda z, h, t, s: ccdd.latent_posterior(z, h, t, s, VP)[0], t, s)
+        on_zt, on_z0 = _coefficients(lambda z, h, t, s: gaussian.latent_posterior(z, h, t, s, VP)[0], t, s)
         np.testing.assert_allclose(
             [on_zt, on_z0], [a_t / a_s * (1 - abar_s) / (1 - abar_t), (abar_s - abar_t) / (a_s * (1 - abar_t))],
             rtol=1e-5)
-        var = float(ccdd.latent_posterior(jnp.zeros((1, 1, 1)), jnp.zeros((1, 1, 1)), t, s, VP)[1])
+        var = float(gaussian.latent_posterior(jnp.zeros((1, 1, 1)), jnp.zeros((1, 1, 1)), t, s, VP)[1])
         np.testing.assert_allclose(var, (abar_s - abar_t) * (1 - abar_s) / (abar_s * (1 - abar_t)), rtol=1e-5)
     # t = 0.1 -> s = 0.001: the posterior puts ~all weight on z0_hat (the reference swapped the two weights)
-    on_zt, on_z0 = _coefficients(lambda z, h, t, s: ccdd.latent_posterior(z, h, t, s, VP)[0], 0.1, 0.001)
+    on_zt, on_z0 = _coefficients(lambda z, h, t, s: gaussian.latent_posterior(z, h, t, s, VP)[0], 0.1, 0.001)
     assert on_z0 > 0.99 and on_zt < 0.01
 
 
@@ -57,18 +57,18 @@ def test_posterior_step_keeps_the_forward_marginal_and_its_noise_is_a_standard_d
     """z_t ~ q(z_t | z0), then z_s ~ q(z_s | z_t, z0) must be distributed as q(z_s | z0) = N(a_s z0, b_s^2): exact
     in the coefficients, and by Monte Carlo through `ddpm_step` (the reference scaled its noise by the variance)."""
     t, s, z0 = 0.6, 0.2, 1.5
-    on_zt, on_z0 = _coefficients(lambda z, h, t, s: ccdd.latent_posterior(z, h, t, s, schedule)[0], t, s)
-    var = float(ccdd.latent_posterior(jnp.zeros((1, 1, 1)), jnp.zeros((1, 1, 1)), t, s, schedule)[1])
+    on_zt, on_z0 = _coefficients(lambda z, h, t, s: gaussian.latent_posterior(z, h, t, s, schedule)[0], t, s)
+    var = float(gaussian.latent_posterior(jnp.zeros((1, 1, 1)), jnp.zeros((1, 1, 1)), t, s, schedule)[1])
     a_t, b_t, a_s, b_s = (float(f(x)) for f, x in ((schedule.a, t), (schedule.b, t), (schedule.a, s), (schedule.b, s)))
     np.testing.assert_allclose(on_zt * a_t * z0 + on_z0 * z0, a_s * z0, rtol=1e-5)
     np.testing.assert_allclose(on_zt**2 * b_t**2 + var, b_s**2, rtol=1e-5)
     shape = (1, 200_000, 1)
-    z_t = ccdd.noisy_latent(jnp.full(shape, z0), jnp.full((1,), t), jax.random.normal(jax.random.PRNGKey(0), shape),
+    z_t = gaussian.noisy_latent(jnp.full(shape, z0), jnp.full((1,), t), jax.random.normal(jax.random.PRNGKey(0), shape),
                             schedule)
-    z_s = np.asarray(ccdd.ddpm_step(jax.random.PRNGKey(1), z_t, jnp.full(shape, z0), t, s, schedule))
+    z_s = np.asarray(gaussian.ddpm_step(jax.random.PRNGKey(1), z_t, jnp.full(shape, z0), t, s, schedule))
     np.testing.assert_allclose([z_s.mean(), z_s.std()], [a_s * z0, b_s], atol=0.01)
     # DDIM is deterministic and keeps the mean
-    np.testing.assert_allclose(np.asarray(ccdd.ddim_step(z_t, jnp.full(shape, z0), t, s, schedule)).mean(),
+    np.testing.assert_allclose(np.asarray(gaussian.ddim_step(z_t, jnp.full(shape, z0), t, s, schedule)).mean(),
                                a_s * z0, atol=0.01)
 
 

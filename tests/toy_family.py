@@ -89,10 +89,7 @@ class Toy(Family):
 
     def __init__(self, config, tokenizer, components):
         super().__init__(config, tokenizer, components)
-        teacher = components["teacher"].family
-        if teacher.tokenizer.describe() != tokenizer.describe():
-            raise UserError("components.teacher.workdir: the teacher uses another tokenizer")
-        self.teacher = teacher
+        self.teacher = components["teacher"].family  # same tokenizer: checked by Family.__init__
         self.module = LatentUnigram(tokenizer.vocab_size, config.data.seq_len, config.toy.width)
 
     def init_params(self, rng):

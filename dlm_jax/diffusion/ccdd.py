@@ -6,58 +6,26 @@ Forward: z_t = a_t z_0 + b_t eps on the same t as the masked tokens; `vp_linear`
 Reverse t -> s (s < t), given z0_hat: DDIM z_s = a_s z0_hat + (b_s / b_t)(z_t - a_t z0_hat), or the exact
 Gaussian posterior q(z_s | z_t, z_0 = z0_hat) (`latent_posterior`). The bound (docs/ccdd.md): token NELBO given
 the latent path + reconstruction at t_eps + (1/2) int_eps^1 -SNR'(t) E||z0_hat - z_0||^2 dt + KL(q(z_1|z_0) || N(0, I)).
+The Gaussian process itself (schedules, forward draw, DDIM / posterior steps) is diffusion/gaussian.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
+from dlm_jax.diffusion.gaussian import LatentSchedule, noisy_latent
 from dlm_jax.diffusion.masked import forward_mask, masked_token_nll
 from dlm_jax.diffusion.schedules import MaskSchedule, sample_times, uniform_draws
 
 Array = jax.Array
-LATENT_SCHEDULES = ("vp_linear", "flow_linear")
+LATENT_SCHEDULES = ("vp_linear", "flow_linear")  # of diffusion/gaussian.py:LatentSchedule
 LATENT_WEIGHTINGS = ("ddpm_x", "inv_snr")
 PROJECTIONS = ("slice", "random")
 WEIGHT_CAP = 10.0  # the training weights and the per-token MSE are clipped here (as in the paper)
-
-
-def _per_sample(t: Array, ndim: int) -> Array:
-    """t [B] (or a scalar) broadcast against [B, ...] arrays of `ndim` dims."""
-    t = jnp.asarray(t, jnp.float32)
-    return t.reshape(t.shape + (1,) * (ndim - t.ndim)) if t.ndim else t
-
-
-@dataclasses.dataclass(frozen=True)
-class LatentSchedule:
-    """z_t = a_t z_0 + b_t eps: `vp_linear` (a^2 + b^2 = 1, a^2 = 1 - t) or `flow_linear` (a = 1 - t, b = t)."""
-
-    kind: str = "vp_linear"
-
-    def a(self, t: Array) -> Array:
-        return jnp.sqrt(1.0 - t) if self.kind == "vp_linear" else 1.0 - t
-
-    def b(self, t: Array) -> Array:
-        return jnp.sqrt(t) if self.kind == "vp_linear" else t
-
-    def snr(self, t: Array) -> Array:
-        """a_t^2 / b_t^2."""
-        return (1.0 - t) / t if self.kind == "vp_linear" else ((1.0 - t) / t) ** 2
-
-    def snr_derivative(self, t: Array) -> Array:
-        """d SNR / dt (negative): -1/t^2 (vp_linear), -2 (1 - t) / t^3 (flow_linear)."""
-        return -1.0 / t**2 if self.kind == "vp_linear" else -2.0 * (1.0 - t) / t**3
-
-
-def noisy_latent(z0: Array, t: Array, noise: Array, schedule: LatentSchedule) -> Array:
-    """z_t = a_t z0 + b_t noise; z0, noise [B, L, C], t [B]."""
-    t = _per_sample(t, z0.ndim)
-    return schedule.a(t) * z0 + schedule.b(t) * noise
 
 
 def standardize(h: Array, eps: float = 1e-6) -> Array:
@@ -92,32 +60,6 @@ def latent_loss_terms(z0_hat: Array, z0: Array, t: Array, weighting: str, loss_m
     mse = jnp.mean(jnp.square(z0_hat.astype(jnp.float32) - z0), axis=-1)  # [B, L]
     weighted = training_weight(t, weighting)[:, None] * jnp.minimum(mse, WEIGHT_CAP)
     return {"latent_sum": (weighted * loss_mask).sum(), "latent_mse_sum": (mse * loss_mask).sum()}
-
-
-def ddim_step(z_t: Array, z0_hat: Array, t: Array, s: Array, schedule: LatentSchedule) -> Array:
-    """Deterministic DDIM t -> s: z_s = a_s z0_hat + (b_s / b_t)(z_t - a_t z0_hat)."""
-    t, s = _per_sample(t, z_t.ndim), _per_sample(s, z_t.ndim)
-    return schedule.a(s) * z0_hat + schedule.b(s) / schedule.b(t) * (z_t - schedule.a(t) * z0_hat)
-
-
-def latent_posterior(z_t: Array, z0_hat: Array, t: Array, s: Array,
-                     schedule: LatentSchedule) -> tuple[Array, Array]:
-    """(mean, variance) of q(z_s | z_t, z_0 = z0_hat). With a_{t|s} = a_t / a_s, v = b_t^2 - a_{t|s}^2 b_s^2:
-    mean = (a_{t|s} b_s^2 / b_t^2) z_t + (a_s v / b_t^2) z0_hat, var = v b_s^2 / b_t^2; for VP (abar = a^2) this is
-    mean = a_t/a_s (1 - abar_s)/(1 - abar_t) z_t + (abar_s - abar_t)/(a_s (1 - abar_t)) z0_hat,
-    var = (abar_s - abar_t)(1 - abar_s) / (abar_s (1 - abar_t))."""
-    t, s = _per_sample(t, z_t.ndim), _per_sample(s, z_t.ndim)
-    a_t, b_t, a_s, b_s = schedule.a(t), schedule.b(t), schedule.a(s), schedule.b(s)
-    a_ts = a_t / a_s
-    v = b_t**2 - a_ts**2 * b_s**2
-    mean = a_ts * b_s**2 / b_t**2 * z_t + a_s * v / b_t**2 * z0_hat
-    return mean, v * b_s**2 / b_t**2
-
-
-def ddpm_step(rng: Array, z_t: Array, z0_hat: Array, t: Array, s: Array, schedule: LatentSchedule) -> Array:
-    """Ancestral step: z_s ~ q(z_s | z_t, z_0 = z0_hat) (mean + standard deviation * noise)."""
-    mean, var = latent_posterior(z_t, z0_hat, t, s, schedule)
-    return mean + jnp.sqrt(jnp.maximum(var, 0.0)) * jax.random.normal(rng, z_t.shape, jnp.float32)
 
 
 def guided_logits(cond: Array, uncond: Array, weight: float) -> Array:

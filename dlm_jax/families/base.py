@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from dlm_jax.data.tokenizers import Tokenizer
 from dlm_jax.errors import UserError
@@ -61,7 +62,8 @@ class Family:
     component_families: ClassVar[dict[str, tuple[str, ...]]] = {}
     # Components the samplers run (EDLM's energy AR): a Gen PPL judge may not be one of them (it would grade itself).
     sampling_components: ClassVar[tuple[str, ...]] = ()
-    samplers: ClassVar[dict[str, Sampler]] = {}  # the first is the default
+    samplers: ClassVar[dict[str, Sampler]] = {}  # the first is the default; none: the family does not generate
+    no_sampler_hint: ClassVar[str] = ""  # what to do instead, for the error of a family without samplers
     shape_keys: ClassVar[tuple[str, ...]] = ()  # keys of the family's section that fix the params' shapes
 
     @classmethod
@@ -85,6 +87,10 @@ class Family:
         self.tokenizer = tokenizer
         self.components = components
         self.frozen: dict[str, Params] = {name: c.params for name, c in components.items()}
+        for name, component in components.items():  # a component reads and writes this model's token ids
+            if component.family.tokenizer.describe() != tokenizer.describe():
+                raise UserError(f"components.{name}.workdir={component.workdir!r} uses another tokenizer "
+                                f"({component.family.tokenizer.describe()}, this config: {tokenizer.describe()})")
 
     def bind(self, frozen: dict[str, Params]) -> Family:
         """This family reading `frozen` as its components' params (jit arguments, not baked-in constants)."""
@@ -113,12 +119,28 @@ class Family:
     eval_terms: ClassVar[Callable[..., Metrics] | None] = None  # (self, params, batch, rng) -> arrays [B, ...]
     eval_summary: ClassVar[Callable[..., dict[str, Any]] | None] = None  # (self, {key: [N, ...]}) -> results
 
+    # optional data statistics fit outside the gradient, saved in WORKDIR/statistics.npz and adopted through
+    # use_statistics wherever the workdir is restored (Cosmos: the frozen encoder's per-channel mean / std before the
+    # first step, the latents' per-(slot, channel) mean / std after the last)
+    statistics_before_training: ClassVar[Callable[..., dict[str, np.ndarray]] | None] = None  # (self, train batches)
+    statistics_after_training: ClassVar[Callable[..., dict[str, np.ndarray]] | None] = None  # (self, params, val)
+
+    def use_statistics(self, stats: dict[str, np.ndarray], where: str) -> None:
+        """Adopts saved statistics before anything is traced (`where`: the workdir, for errors)."""
+        del stats, where
+
     # -- sampling ----------------------------------------------------------------------------------
     @property
     def default_sampler(self) -> str:
+        self._check_generates()
         return next(iter(self.samplers))
 
+    def _check_generates(self) -> None:
+        if not self.samplers:
+            raise UserError(f"a {self.name} model does not generate text (it has no sampler){self.no_sampler_hint}")
+
     def sampler(self, name: str) -> Sampler:
+        self._check_generates()
         if name not in self.samplers:
             raise UserError(f"unknown sampler {name!r} for a {self.name} model; choose one of "
                             f"{', '.join(self.samplers)}")

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from dlm_jax.config import choice
-from dlm_jax.diffusion import ccdd
+from dlm_jax.diffusion import ccdd, gaussian
 from dlm_jax.diffusion.masked import forward_mask, masked_nll_terms
 from dlm_jax.diffusion.schedules import sample_times
 from dlm_jax.errors import UserError
@@ -109,8 +109,6 @@ class CCDD(MaskedFamily):
         self.model = CCDDNetwork(cfg, c.fusion, c.latent_dim, c.independent_t, c.moe_top_k)
         encoder = components["encoder"]
         key = f"components.encoder.workdir={encoder.workdir!r}"
-        if encoder.family.tokenizer.describe() != tokenizer.describe():
-            raise UserError(f"{key}: the encoder uses another tokenizer ({encoder.family.tokenizer.describe()})")
         enc_cfg = encoder.family.model.cfg
         if c.encoder_layer > enc_cfg.num_layers:
             raise UserError(f"ccdd.encoder_layer={c.encoder_layer}: the encoder has {enc_cfg.num_layers} layers")
@@ -123,8 +121,8 @@ class CCDD(MaskedFamily):
         self.encoder = encoder.family
 
     @property
-    def latent_schedule(self) -> ccdd.LatentSchedule:
-        return ccdd.LatentSchedule(self.section.latent_schedule)
+    def latent_schedule(self) -> gaussian.LatentSchedule:
+        return gaussian.LatentSchedule(self.section.latent_schedule)
 
     def init_params(self, rng: Array) -> Any:
         tokens = jnp.zeros((1, self.config.data.seq_len), jnp.int32)
@@ -171,7 +169,7 @@ class CCDD(MaskedFamily):
         t_latent = sample_times(rng_tz, n, c.t_eps, c.antithetic) if c.independent_t else t
         x_t, is_masked = forward_mask(rng_mask, x0, self.schedule.alpha(t), self.mask_id)
         z0 = self.latent_target(x0, x_t, t, rng_pr, train)
-        z_t = ccdd.noisy_latent(z0, t_latent, jax.random.normal(rng_z, z0.shape), self.latent_schedule)
+        z_t = gaussian.noisy_latent(z0, t_latent, jax.random.normal(rng_z, z0.shape), self.latent_schedule)
         if train and c.p_drop_latent:  # rows trained without the latent: what guidance's f(x_t, 0) needs
             z_t = jnp.where((jax.random.uniform(rng_drop, (n,)) < c.p_drop_latent)[:, None, None], 0.0, z_t)
         logits, z0_hat, balance = self.model.apply({"params": params}, x_t, z_t, t, t_latent,

@@ -111,10 +111,6 @@ class EDLM(MaskedFamily):
         super().__init__(config, tokenizer, components)
         self.mdlm = components["mdlm"].family
         self.ar = components["ar"].family if "ar" in components else None
-        for name, component in components.items():
-            if component.family.tokenizer.describe() != tokenizer.describe():
-                raise UserError(f"components.{name}.workdir={component.workdir!r} uses another tokenizer "
-                                f"({component.family.tokenizer.describe()}, this config: {tokenizer.describe()})")
         if self.section.energy == "nce":
             ours, theirs = self.model.cfg, self.mdlm.model.cfg
             for field in SHAPE_FIELDS:

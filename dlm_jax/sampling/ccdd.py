@@ -16,7 +16,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from dlm_jax.diffusion import ccdd
+from dlm_jax.diffusion import ccdd, gaussian
 from dlm_jax.diffusion.masked import subs_logits
 from dlm_jax.sampling.loop import SamplerState, SampleSpec, init_state, option, run_scan
 from dlm_jax.sampling.masked import MaskedSampling, reverse_steps, time_grid_option, unmask_schedule_option
@@ -50,7 +50,8 @@ def joint_forward(net: JointFn, tokens: Array, z: Array, t: Array, guidance: flo
 
 
 def sample(net: JointFn, rng: Array, template: Array, spec: SampleSpec, ms: MaskedSampling,
-           schedule: ccdd.LatentSchedule, latent_dim: int, guidance: float | None) -> tuple[Array, dict[str, Array]]:
+           schedule: gaussian.LatentSchedule, latent_dim: int,
+           guidance: float | None) -> tuple[Array, dict[str, Array]]:
     """`spec.num_samples` sequences from the template [L] ([MASK] where generated): (tokens [N, L], {"nfe"}).
     `guidance` None: unguided; a float w: every forward is guided (2 forwards, even at w = 1)."""
     rule, step_kind = spec.options.rule, spec.options.latent_step
@@ -74,9 +75,9 @@ def sample(net: JointFn, rng: Array, template: Array, spec: SampleSpec, ms: Mask
         else:
             st = ms.topk_update(st, logits, t, m0, i, steps, active)
         if step_kind == "ddim":
-            z_s = ccdd.ddim_step(st.cache, z0_hat, t, s, schedule)
+            z_s = gaussian.ddim_step(st.cache, z0_hat, t, s, schedule)
         else:
-            z_s = ccdd.ddpm_step(rng_z, st.cache, z0_hat, t, s, schedule)
+            z_s = gaussian.ddpm_step(rng_z, st.cache, z0_hat, t, s, schedule)
         return st.replace(cache=z_s, nfe=st.nfe + per_forward)
 
     state = run_scan(step, state, steps)

@@ -107,7 +107,8 @@ def sample_latent(prior: Callable[[Array], Any], step: Callable[[Any, Array, Arr
                   steps: int) -> tuple[Array, dict[str, Array]]:
     """The latent-sampler skeleton (Gaussian / latent diffusion): latent = prior(rng), then `steps` times
     latent = step(latent, i, rng_i) inside one `lax.scan`, then tokens = decode(latent) [N, L]; the template's
-    known tokens (>= 0) are kept. `SamplerState.cache` carries the latent; NFE counts the steps plus the decode."""
+    known tokens (>= 0) are kept. `SamplerState.cache` carries the latent; NFE counts the steps plus the decode;
+    `prompt_match` is the fraction of known tokens the decode gave before they were pinned (1 without any)."""
     rng, rng_prior = jax.random.split(rng)
     template = jnp.asarray(template, jnp.int32)
     tokens = jnp.broadcast_to(template, (num_samples, template.shape[0]))
@@ -118,8 +119,10 @@ def sample_latent(prior: Callable[[Array], Any], step: Callable[[Any, Array, Arr
         return st.replace(rng=rng, cache=step(st.cache, i, rng_step), step=st.step + 1, nfe=st.nfe + 1)
 
     state = run_scan(body, state, steps)
-    tokens = jnp.where(tokens >= 0, tokens, decode(state.cache))
-    return tokens, {"nfe": state.nfe + 1}
+    decoded, known = decode(state.cache), tokens >= 0
+    count = known.sum()
+    match = jnp.where(count > 0, ((decoded == tokens) & known).sum() / jnp.maximum(count, 1), 1.0)
+    return jnp.where(known, tokens, decoded), {"nfe": state.nfe + 1, "prompt_match": match}
 
 
 def argmax_last(x: Array) -> Array:

@@ -24,6 +24,8 @@ from dlm_jax.experiment import (
     build_experiment,
     check_workdir_matches,
     has_trainable_params,
+    load_statistics,
+    save_statistics,
     saved_config_path,
 )
 from dlm_jax.train import checkpoint, optim, sharding
@@ -64,6 +66,18 @@ def make_train_step(exp: Experiment, batch_sharding):
         out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)),
         donate_argnums=(0,),
     )
+
+
+def _global_batches(exp: Experiment, split: str, batch_sharding):
+    """Global eval-size batches of `split`, one pass (train: shuffled), for a family's data statistics; the train
+    iterator's stream is untouched."""
+    config = exp.config
+    data = pipeline.make_dataset(
+        config.data, exp.tokenizer, split, config.eval.batch_size // jax.process_count(), seed=config.seed,
+        shuffle=split == "train", repeat=False, process_index=jax.process_index(), process_count=jax.process_count(),
+    )
+    for batch in data:
+        yield sharding.global_batch(batch, batch_sharding)
 
 
 def _check_finite(history: list[tuple[int, dict]], checkpointer: checkpoint.Checkpointer) -> None:
@@ -116,6 +130,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             train_iter.set_state(data_state)
             writer.drop_after(start)
             print(f"resumed from {checkpointer.directory}/{start}")
+        stats = load_statistics(workdir)
+        if restored is None and exp.family.statistics_before_training is not None:
+            fresh = exp.family.statistics_before_training(_global_batches(exp, "train", batch_sharding))
+            save_statistics(workdir, fresh)
+            stats.update(fresh)
+        exp.family.use_statistics(stats, workdir)
         train_step = make_train_step(exp, batch_sharding)
 
         num_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -164,6 +184,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 break
         bar.close()
         preemption.close()
+        if exp.family.statistics_after_training is not None and "preempted_at_step" not in last:
+            save_statistics(workdir, exp.family.statistics_after_training(
+                eval_params(state, config.eval.use_ema), _global_batches(exp, "validation", batch_sharding)))
     checkpointer.close()
     writer.close()
     return last
