@@ -109,12 +109,13 @@ def load_statistics(workdir: str) -> dict[str, np.ndarray]:
         raise UserError(f"{path} is unreadable ({e}); retrain, or restore the file from a copy") from None
 
 
-def save_statistics(workdir: str, stats: dict[str, np.ndarray]) -> None:
-    """Adds `stats` to WORKDIR/statistics.npz (written whole, then renamed over the old file; main process)."""
-    if not stats or jax.process_index() != 0:
+def save_statistics(workdir: str, stats: dict[str, np.ndarray], replace: bool = False) -> None:
+    """Adds `stats` to WORKDIR/statistics.npz, or with `replace` makes them its only content (written whole, then
+    renamed over the old file; main process only)."""
+    if jax.process_index() != 0:
         return
     buffer = io.BytesIO()
-    np.savez(buffer, **{**load_statistics(workdir), **stats})
+    np.savez(buffer, **({} if replace else load_statistics(workdir)), **stats)
     fileio.write_bytes(statistics_path(workdir), buffer.getvalue())
 
 

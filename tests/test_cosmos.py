@@ -27,7 +27,8 @@ from dlm_jax.models.cosmos import CosmosAutoencoder, LatentDenoiser
 from dlm_jax.models.transformer import TransformerConfig
 from dlm_jax.sampling import cosmos as cosmos_sampling
 from dlm_jax.sampling.loop import SampleSpec
-from dlm_jax.train.loop import train
+from dlm_jax.train import sharding
+from dlm_jax.train.loop import statistics_batches, train
 from tests.helpers import ROOT, tiny_config
 
 NO_AUGMENTATION = ("--config.cosmos_ae.token_mask=0", "--config.cosmos_ae.mix_d=1.0",
@@ -193,14 +194,20 @@ def test_latent_statistics_reload_exactly(autoencoder):
     for key, value in stats.items():
         np.testing.assert_array_equal(exp.family.stats[key], value)
     # and they are the statistics of these params' clean val latents
-    from dlm_jax.train import sharding
-    from dlm_jax.train.loop import _global_batches
-
     with sharding.mesh_context(exp.mesh):
-        again = exp.family.statistics_after_training(params, _global_batches(exp, "validation",
-                                                                             sharding.batch_sharding(exp.mesh)))
+        again = exp.family.statistics_after_training(params, statistics_batches(exp, "validation",
+                                                                                 sharding.batch_sharding(exp.mesh)))
     for key, value in stats.items():
         np.testing.assert_allclose(again[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_fresh_start_drops_statistics_of_an_earlier_run(tmp_path, train_corpus):
+    workdir = tmp_path / "ae"
+    workdir.mkdir()
+    np.savez(statistics_path(str(workdir)), latent_mean=np.zeros(3), stale=np.ones(2))  # no checkpoint beside it
+    train(tiny_config(train_corpus, "cosmos_ae", ["--config.train.num_steps=1"]), str(workdir))
+    stats = load_statistics(str(workdir))
+    assert set(stats) == {"latent_mean", "latent_std"} and stats["latent_mean"].shape == (8, 32)
 
 
 def test_stage_two_trains_only_the_denoiser_and_leaves_the_autoencoder_unchanged(tmp_path, autoencoder,

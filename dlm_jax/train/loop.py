@@ -68,7 +68,7 @@ def make_train_step(exp: Experiment, batch_sharding):
     )
 
 
-def _global_batches(exp: Experiment, split: str, batch_sharding):
+def statistics_batches(exp: Experiment, split: str, batch_sharding):
     """Global eval-size batches of `split`, one pass (train: shuffled), for a family's data statistics; the train
     iterator's stream is untouched."""
     config = exp.config
@@ -130,11 +130,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             train_iter.set_state(data_state)
             writer.drop_after(start)
             print(f"resumed from {checkpointer.directory}/{start}")
-        stats = load_statistics(workdir)
-        if restored is None and exp.family.statistics_before_training is not None:
-            fresh = exp.family.statistics_before_training(_global_batches(exp, "train", batch_sharding))
-            save_statistics(workdir, fresh)
-            stats.update(fresh)
+        if restored is None:  # a fresh start: statistics of an earlier run in this workdir no longer apply
+            stats = {}
+            if exp.family.statistics_before_training is not None:
+                stats = exp.family.statistics_before_training(statistics_batches(exp, "train", batch_sharding))
+            if stats or load_statistics(workdir):
+                save_statistics(workdir, stats, replace=True)
+        else:
+            stats = load_statistics(workdir)
         exp.family.use_statistics(stats, workdir)
         train_step = make_train_step(exp, batch_sharding)
 
@@ -186,7 +189,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         preemption.close()
         if exp.family.statistics_after_training is not None and "preempted_at_step" not in last:
             save_statistics(workdir, exp.family.statistics_after_training(
-                eval_params(state, config.eval.use_ema), _global_batches(exp, "validation", batch_sharding)))
+                eval_params(state, config.eval.use_ema), statistics_batches(exp, "validation", batch_sharding)))
     checkpointer.close()
     writer.close()
     return last
