@@ -1,6 +1,7 @@
 """Cosmos on shakespeare bytes (L = 128): (1) the autoencoder's reconstruction accuracy, clean and with noised
 latents, at compression 1 / 2 / 4 / 8 / 16 with and without augmentation, equal training steps; (2) latent diffusion
-vs MDLM: Gen PPL (an independent AR judge), entropy, NFE and wall time per sample against steps.
+vs MDLM: Gen PPL (an independent AR judge), entropy, NFE and wall time per sample against steps, and the time to
+MDLM's best Gen PPL (its fastest setting there vs the fastest cosmos setting at or below it).
 
   autoencoders: configs/shakespeare_cosmos_ae.py (+ compression, augmentation off = token_mask 0, mix_d 1,
   latent_dropout 0); latent diffusion: configs/shakespeare_cosmos.py on the compression-4 augmented autoencoder;
@@ -113,18 +114,17 @@ def main() -> None:
               f"{r['seconds'] / args.num_samples:>10.4f}")
     mdlm = [r for r in rows if r["model"] == "mdlm"]
     best = min(mdlm, key=lambda r: (r["gen_ppl"], r["seconds"]))  # MDLM's best quality, fastest setting there
-    cosmos_rows = [r for r in rows if r["model"] == "cosmos"]
-    default = next((r for r in cosmos_rows if r["steps"] == 200), cosmos_rows[-1])
+    reached = [r for r in rows if r["model"] == "cosmos" and r["gen_ppl"] <= best["gen_ppl"]]
+    fastest = min(reached, key=lambda r: r["seconds"]) if reached else None  # time to MDLM's best quality
     speed = {"mdlm_best_steps": best["steps"], "mdlm_best_gen_ppl": best["gen_ppl"],
-             "mdlm_best_seconds": best["seconds"], "cosmos_steps": default["steps"],
-             "cosmos_gen_ppl": default["gen_ppl"], "cosmos_seconds": default["seconds"],
-             "speedup": best["seconds"] / default["seconds"]}
+             "mdlm_best_seconds": best["seconds"],
+             "cosmos": None if fastest is None else {k: fastest[k] for k in ("steps", "gen_ppl", "seconds")},
+             "speedup": None if fastest is None else best["seconds"] / fastest["seconds"]}
     by_key = {(r["compression"], r["augmented"]): r for r in recon}
     targets = {"ae_4x_token_accuracy_ge_0.99": by_key.get((4, True), {}).get("token_accuracy", 0) >= 0.99,
                "ae_8x_token_accuracy_ge_0.95": by_key.get((8, True), {}).get("token_accuracy", 0) >= 0.95,
-               "cosmos_2x_faster_than_mdlm_at_its_best": speed["speedup"] >= 2.0,
-               "cosmos_gen_ppl_at_or_below_mdlm_best": default["gen_ppl"] <= best["gen_ppl"]}
-    print("\nspeed at MDLM's best Gen PPL:", speed)
+               "cosmos_2x_faster_than_mdlm_at_its_best": (speed["speedup"] or 0) >= 2.0}
+    print("\ntime to MDLM's best Gen PPL (the fastest cosmos setting at or below it):", speed)
     print("training seconds:", {k: round(v, 1) for k, v in seconds.items()})
     print("targets:", targets)
     write_result({"benchmark": "cosmos", "date": datetime.date.today().isoformat(), "machine": platform.machine(),

@@ -6,7 +6,7 @@ denoiser predicts x0_hat (reading the previous x0_hat when self-conditioning), t
 `ddpm`) moves z to t_{i+1}; the last x0_hat is de-normalised and decoded (argmax, or a draw at --temperature).
 NFE: T denoiser forwards + 1 decoder pass (+ T decoder passes with prompt guidance).
 
-Prompts (a template with known tokens) are approximate: each x0_hat takes `prompt_guidance` steps of size 1 down
+Prompts (a template with known tokens) are approximate: each x0_hat takes one step of size `prompt_guidance` down
 the gradient of the decoder's cross-entropy on the known tokens (reconstruction guidance on x0, Chung et al. 2023
 style), and the known tokens are then pinned in the output. `prompt_match` reports how many of them the decoder
 produced before pinning: the honest measure of how well the latent honours the prompt.
@@ -36,7 +36,7 @@ class CosmosOptions:
     t_min: float = option(0.05, "the last time of the uniform grid 1 -> t_min (x0_hat there is decoded)")
     self_condition: bool = option(True, "feed each step's x0_hat back (models trained with self-conditioning)")
     decode: str = option("argmax", "tokens from the decoder's logits: argmax, or a draw at --temperature", DECODES)
-    prompt_guidance: float = option(1.0, "prompts: size of each x0 guidance step on the known tokens' CE (0: none)")
+    prompt_guidance: float = option(10.0, "prompts: size of each x0 guidance step on the known tokens' CE (0: none)")
 
 
 def time_grid(steps: int, t_min: float) -> Array:
