@@ -115,7 +115,7 @@ def save_statistics(workdir: str, stats: dict[str, np.ndarray], replace: bool = 
     if jax.process_index() != 0:
         return
     buffer = io.BytesIO()
-    np.savez(buffer, **({} if replace else load_statistics(workdir)), **stats)
+    np.savez(buffer, **{**({} if replace else load_statistics(workdir)), **stats})
     fileio.write_bytes(statistics_path(workdir), buffer.getvalue())
 
 
