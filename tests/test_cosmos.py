@@ -20,6 +20,7 @@ from dlm_jax.experiment import (
     load_statistics,
     load_workdir_config,
     restore_for_inference,
+    save_statistics,
     statistics_path,
 )
 from dlm_jax.families.cosmos_ae import CosmosAE
@@ -199,6 +200,16 @@ def test_latent_statistics_reload_exactly(autoencoder):
                                                                                  sharding.batch_sharding(exp.mesh)))
     for key, value in stats.items():
         np.testing.assert_allclose(again[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_statistics_file_updates_and_replaces(tmp_path):
+    save_statistics(str(tmp_path), {"a": np.zeros(2), "b": np.ones(3)})
+    save_statistics(str(tmp_path), {"a": np.full(2, 7.0)})  # a resumed run saving its end statistics again
+    stats = load_statistics(str(tmp_path))
+    np.testing.assert_array_equal(stats["a"], [7.0, 7.0])
+    np.testing.assert_array_equal(stats["b"], np.ones(3))
+    save_statistics(str(tmp_path), {"c": np.zeros(1)}, replace=True)
+    assert set(load_statistics(str(tmp_path))) == {"c"}
 
 
 def test_a_fresh_start_drops_statistics_of_an_earlier_run(tmp_path, train_corpus):
