@@ -105,8 +105,9 @@ def load_statistics(workdir: str) -> dict[str, np.ndarray]:
     try:
         with np.load(io.BytesIO(fileio.as_path(path).read_bytes()), allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path} is unreadable ({e}); retrain, or restore the file from a copy") from None
+    except (OSError, ValueError, zipfile.BadZipFile):
+        raise UserError(f"{path} is not a readable statistics file; restore it from a copy, or retrain the "
+                        "workdir (it is written at the start and the end of training)") from None
 
 
 def save_statistics(workdir: str, stats: dict[str, np.ndarray], replace: bool = False) -> None:

@@ -210,6 +210,9 @@ def test_statistics_file_updates_and_replaces(tmp_path):
     np.testing.assert_array_equal(stats["b"], np.ones(3))
     save_statistics(str(tmp_path), {"c": np.zeros(1)}, replace=True)
     assert set(load_statistics(str(tmp_path))) == {"c"}
+    open(statistics_path(str(tmp_path)), "w").write("garbage")
+    with pytest.raises(UserError, match="statistics.npz is not a readable statistics file; restore it"):
+        load_statistics(str(tmp_path))
 
 
 def test_a_fresh_start_drops_statistics_of_an_earlier_run(tmp_path, train_corpus):
