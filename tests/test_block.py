@@ -114,7 +114,7 @@ def _sample(fam, params, sampler, template, steps, seed=0, **options):
     return np.asarray(tokens), int(stats["nfe"])
 
 
-@pytest.mark.parametrize("inner", ["ancestral", "topk_confidence", "cached"])
+@pytest.mark.parametrize("inner", ["ancestral", "topk_confidence", "cached", "threshold", "rcr"])
 def test_kv_cached_block_decoding_equals_decoding_without_the_cache(inner):
     _, fam, _, params = _model("block", block_size=4)
     template = np.array([3, 1, 4, 1, 5] + [-1] * 11, np.int32)
@@ -141,7 +141,7 @@ def test_fast_dllm_caches_fill_blocks_and_reduce_to_the_exact_sampler_with_one_b
         assert nfe == nfe_exact
 
 
-@pytest.mark.parametrize("inner", ["ancestral", "cached", "topk_confidence", "first_hitting"])
+@pytest.mark.parametrize("inner", ["ancestral", "cached", "topk_confidence", "first_hitting", "factor"])
 def test_fast_dllm_refresh_forward_is_the_first_step(inner):
     """Per block: the refresh forward + (steps - 1) forwards, the count of exact semi-AR decoding (top-k commits
     every token by the last step, so no argmax pass; first-hitting runs one forward per token either way)."""
@@ -152,7 +152,9 @@ def test_fast_dllm_refresh_forward_is_the_first_step(inner):
     for sampler in ("prefix_cache", "dual_cache"):
         tokens, nfe = _sample(fam, params, sampler, template, 16, block_length=4, inner=inner)
         assert not (tokens == MASK).any()
-        if inner in ("topk_confidence", "first_hitting"):
+        if inner == "factor":  # a parallel rule: at most the schedule's forwards, often fewer
+            assert nfe <= 4 + 16 - 4
+        elif inner in ("topk_confidence", "first_hitting"):
             assert nfe == 4 + 16 - 4  # 4 refreshes + 16 steps or tokens, of which 4 (one per block) were refreshes
         else:  # ancestral / cached: at most steps per block, + an argmax pass where [MASK]s are left
             assert nfe <= 4 * 4 + 4

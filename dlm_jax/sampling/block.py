@@ -40,6 +40,7 @@ from dlm_jax.sampling.masked import (
     unmask_schedule_option,
     window_option,
 )
+from dlm_jax.sampling.parallel import ParallelOptions
 
 Array = jax.Array
 
@@ -48,7 +49,7 @@ ENTROPY_WINDOW = 256  # tokens whose unigram entropy the entropy stop rule check
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockOptions:
+class BlockOptions(ParallelOptions):
     inner: str = inner_option()
     unmask_schedule: str = unmask_schedule_option()
     time_grid: str = time_grid_option()
@@ -95,7 +96,7 @@ def _run_block(ms: MaskedSampling, state: SamplerState, blk: Array, logits_fn: C
     rule = inner_rule(ms.spec)
     inner = init_state(blk, state.rng, initial_cache(rule, n, lb, ms.mask_id + 1))
     inner = inner.replace(step=state.step, nfe=state.nfe)
-    inner = getattr(ms, rule)(logits_fn, inner, jnp.ones((n, lb), bool), reverse_steps(rule, steps))
+    inner = ms.runner(rule)(logits_fn, inner, jnp.ones((n, lb), bool), reverse_steps(rule, steps))
     return ms.final_argmax(logits_fn, inner)
 
 
@@ -189,7 +190,7 @@ def approx_cache_sample(decode_fn: DecodeFn, init_cache: Callable[[int], Any], r
         rule = inner_rule(ms.spec)
         inner = init_state(window, state.rng, initial_cache(rule, n, window.shape[1], ms.mask_id + 1))
         inner = inner.replace(step=state.step, nfe=state.nfe)
-        inner = getattr(ms, rule)(logits_fn, inner, active, reverse_steps(rule, steps),
+        inner = ms.runner(rule)(logits_fn, inner, active, reverse_steps(rule, steps),
                                   primed=refreshed[:, start:window_end])
         inner = ms.final_argmax(logits_fn, inner, active)
         done = jnp.where(active, inner.tokens, window)

@@ -11,6 +11,8 @@ context) elsewhere. Only [MASK] positions ever change (SUBS carry-over), so know
   topk_confidence MaskGIT / LLaDA: commit the k most confident predictions per step, k from a linear or
                   cosine schedule of how many tokens stay masked
   semi_ar         blocks left to right; any of the above inside each block (Arriola et al. 2025 / LLaDA)
+  threshold, factor, prophet, sched, ccd, rcr   parallel decoding: a variable number of commits per forward
+                  (sampling/parallel.py), as the rule inside semi_ar, block or the Fast-dLLM caches
 Every rule is a proposal (x0 candidates: by default x0 ~ p_theta(x0 | z_t)) followed by a commit rule (which
 [MASK]s take their candidate: `ancestral_commit`, `topk_commit`, `first_hitting_commit`), so a new proposal
 (importance sampling, a joint token + latent step) or a new commit rule plugs in without copying the samplers.
@@ -41,12 +43,20 @@ from dlm_jax.sampling.loop import (
     run_while,
     sample_categorical,
 )
+from dlm_jax.sampling.parallel import (
+    PARALLEL_RULES,
+    REMASKING_RULES,
+    ParallelDecoding,
+    ParallelOptions,
+    draw_confidence,
+    topk_commit,
+)
 
 Array = jax.Array
 LogitsFn = Callable[[Array, Array], Array]  # (z [N, L], t [N]) -> logits [N, L, V+1]
 # A runner advances the state over the `active` positions [N, L] in `steps` steps.
 Runner = Callable[[LogitsFn, SamplerState, Array, int], SamplerState]
-RUNNERS = ("ancestral", "cached", "first_hitting", "topk_confidence")
+RUNNERS = ("ancestral", "cached", "first_hitting", "topk_confidence", *PARALLEL_RULES, *REMASKING_RULES)
 TIME_GRIDS = ("linear", "cosine")
 UNMASK_SCHEDULES = ("linear", "cosine")
 
@@ -77,7 +87,7 @@ class TopkOptions:
 
 
 @dataclasses.dataclass(frozen=True)
-class SemiAROptions:
+class SemiAROptions(ParallelOptions):
     block_length: int = option(0, "tokens per block (0: 16, or the whole length if shorter)")
     inner: str = inner_option()
     unmask_schedule: str = unmask_schedule_option()
@@ -107,25 +117,13 @@ def ancestral_commit(rng: Array, todo: Array, schedule: MaskSchedule, t: Array, 
     return todo & (jax.random.uniform(rng, todo.shape) < (alpha_s - alpha_t) / (1.0 - alpha_t))
 
 
-def topk_commit(confidence: Array, todo: Array, k: Array) -> Array:
-    """MaskGIT / LLaDA: the k [N] most confident positions of `todo` (confidence [N, L]) commit."""
-    confidence = jnp.where(todo, confidence, -jnp.inf)
-    rank = jnp.argsort(jnp.argsort(-confidence, axis=-1), axis=-1)
-    return todo & (rank < k[:, None])
-
-
 def first_hitting_commit(rng: Array, todo: Array) -> Array:
     """Exactly one uniformly chosen position of `todo` [N, L] per row commits (none when the row has none)."""
     noise = jnp.where(todo, jax.random.gumbel(rng, todo.shape), -jnp.inf)
     return jax.nn.one_hot(argmax_last(noise), todo.shape[1], dtype=bool) & todo
 
 
-def draw_confidence(logits: Array, x0: Array) -> Array:
-    """softmax(logits)[x0]: the probability of each drawn token (the confidence topk_confidence ranks by)."""
-    return jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), x0[..., None], axis=-1)[..., 0]
-
-
-class MaskedSampling:
+class MaskedSampling(ParallelDecoding):
     """The settings every masked sampler shares: [MASK] id, schedule, t_eps, the static `SampleSpec`, and the
     proposal (default: x0 ~ p_theta(x0 | z_t) with the spec's temperature and nucleus)."""
 
@@ -249,21 +247,23 @@ class MaskedSampling:
 
         return run_scan(step, state, steps)
 
+    def keep_masked(self, m0: Array, i: Array, steps: int) -> Array:
+        """How many of the m0 [N] masked tokens stay masked after step i of `steps` (`unmask_schedule` f: linear
+        1 - r, or cosine cos(pi r / 2), floored; none after the last step)."""
+        if self.unmask_schedule == "cosine":
+            keep = jnp.floor(m0 * jnp.cos(0.5 * math.pi * (i + 1.0) / steps) + 1e-4).astype(jnp.int32)
+        else:  # exact integer floor(m0 (1 - (i + 1) / T))
+            keep = (m0 * (steps - 1 - i)) // steps
+        return jnp.where(i >= steps - 1, 0, keep)
+
     def topk_update(self, state: SamplerState, logits: Array, t: Array, m0: Array, i: Array, steps: int,
                     active: Array) -> SamplerState:
         """Step i of `steps` of topk_confidence: proposal x0, then the k most confident [MASK]s commit, k leaving
-        floor(m0 f(i+1)) masked of the m0 [N] there were at the start (`unmask_schedule` f)."""
+        `keep_masked` of the m0 [N] there were at the start."""
         rng, rng_x0 = jax.random.split(state.rng)
         todo = self.todo(state.tokens, active)
-        if self.unmask_schedule == "cosine":
-            frac = jnp.cos(0.5 * math.pi * (i + 1.0) / steps)
-            keep_masked = jnp.floor(m0 * frac + 1e-4).astype(jnp.int32)
-        else:  # exact integer floor(m0 (1 - (i + 1) / T))
-            keep_masked = (m0 * (steps - 1 - i)) // steps
-        keep_masked = jnp.where(i == steps - 1, 0, keep_masked)
-        k = todo.sum(-1) - keep_masked  # [N]
         x0 = self.propose(rng_x0, logits, state.tokens, t)
-        commit = topk_commit(draw_confidence(logits, x0), todo, k)
+        commit = topk_commit(draw_confidence(logits, x0), todo, todo.sum(-1) - self.keep_masked(m0, i, steps))
         return state.replace(tokens=jnp.where(commit, x0, state.tokens), rng=rng, step=state.step + 1)
 
     def final_argmax(self, logits_fn: LogitsFn, state: SamplerState, active: Array | None = None) -> SamplerState:
@@ -369,7 +369,7 @@ def sample(logits_fn: LogitsFn, rng: Array, template: Array, spec: SampleSpec, *
     tokens = jnp.broadcast_to(template.astype(jnp.int32), (spec.num_samples, template.shape[0]))
     n, length = tokens.shape
     inner = inner_rule(spec)
-    runner: Runner = getattr(ms, inner)
+    runner: Runner = ms.runner(inner)
     state = init_state(tokens, rng, initial_cache(inner, n, length, mask_id + 1))
     if spec.sampler == "semi_ar":
         block = semi_ar_block_length(spec)
