@@ -81,6 +81,11 @@ def common_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 500
     c.train.eval_every = 500  # 0 disables periodic eval
     c.train.max_checkpoints = 3
+    # A trained WORKDIR to start from (e.g. an AR run for AR -> block diffusion adaptation): on a fresh start its
+    # eval params (EMA when kept) become params and EMA here, with a fresh optimizer at step 0; same backbone sizes
+    # and tokenizer, only the vocabulary axis may grow ([MASK]: its new rows keep their fresh init). A resume
+    # ignores it (the checkpoint holds the adapted params). dlm_jax/train/init_from.py
+    c.train.init_from = ""
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_batches = 8  # -1: the whole val split once

@@ -25,6 +25,12 @@ def _short(e: Exception) -> str:
     return text[:200] + ("..." if len(text) > 200 else "")
 
 
+def has_checkpoint(workdir: str) -> bool:
+    """Whether WORKDIR/checkpoints holds a step directory (a run there resumes); nothing is created."""
+    ckpt_dir = fileio.as_path(fileio.join(workdir, "checkpoints"))
+    return ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+
+
 class Checkpointer:
     def __init__(self, workdir: str, max_to_keep: int):
         self.directory = fileio.absolute(fileio.join(workdir, "checkpoints"))

@@ -28,7 +28,7 @@ from dlm_jax.experiment import (
     save_statistics,
     saved_config_path,
 )
-from dlm_jax.train import checkpoint, optim, sharding
+from dlm_jax.train import checkpoint, init_from, optim, sharding
 from dlm_jax.train.metrics import MetricsWriter
 from dlm_jax.train.state import TrainState, create_train_state, eval_params
 
@@ -44,8 +44,8 @@ def make_train_step(exp: Experiment, batch_sharding):
         rng = jax.random.fold_in(state.rng, state.step)
         family = exp.family.bind(frozen)
 
-        def loss_fn(params):
-            return family.loss(params, batch, rng, train=True)
+        def loss_fn(params):  # the batch also carries the step, for schedules inside a loss (MDLM's mask annealing)
+            return family.loss(params, {**batch, "step": state.step}, rng, train=True)
 
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -96,6 +96,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (resuming from WORKDIR's latest checkpoint if any) and returns the last logged metrics."""
     exp = build_experiment(config)
     check_workdir_matches(config, workdir)
+    # train.init_from applies to a fresh start only (a checkpoint here already holds the adapted params)
+    source = init_from.load(exp) if config.train.init_from and not checkpoint.has_checkpoint(workdir) else None
     if not has_trainable_params(exp):  # e.g. EDLM with an AR energy: the workdir only records the components
         fileio.as_path(workdir).mkdir(parents=True, exist_ok=True)
         if jax.process_index() == 0:
@@ -122,7 +124,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     with sharding.mesh_context(exp.mesh):
         restored = checkpointer.restore_latest(exp.abstract_state)
-        if restored is None:
+        if restored is None and source is not None:
+            state, start, source = init_from.create_state(exp, source), 0, None  # drop the source's copy
+        elif restored is None:
             state = create_train_state(exp.family.init_params, exp.optimizer, config, exp.state_shardings)
             start = 0
         else:

@@ -27,13 +27,13 @@ class TrainState:
     rng: Array  # base PRNG key (uint32[2]); step k uses fold_in(rng, k), so resuming needs no rng bookkeeping
 
 
-InitParams = Callable[[Array], Any]  # rng -> fresh trainable params (a family's init_params)
+InitParams = Callable[..., Any]  # (rng, *args) -> fresh trainable params (a family's init_params takes only rng)
 
 
 def _init_fn(init_params: InitParams, optimizer: optax.GradientTransformation, config: ml_collections.ConfigDict):
-    def init(rng: Array) -> TrainState:
+    def init(rng: Array, *args: Any) -> TrainState:
         rng_params, rng_train = jax.random.split(rng)
-        params = init_params(rng_params)
+        params = init_params(rng_params, *args)
         ema = params if config.train.ema_decay > 0 else None
         return TrainState(
             step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), ema_params=ema,
@@ -59,11 +59,13 @@ def abstract_state_and_shardings(
 
 def create_train_state(
     init_params: InitParams, optimizer: optax.GradientTransformation, config: ml_collections.ConfigDict,
-    shardings: TrainState,
+    shardings: TrainState, *args: Any,
 ) -> TrainState:
-    """Initialises the state directly into its shardings (jit with out_shardings)."""
+    """Initialises the state directly into its shardings (jit with out_shardings); `args` (jit arguments, e.g.
+    trained params to start from: train/init_from.py) go to `init_params` after its rng."""
     init = _init_fn(init_params, optimizer, config)
-    return jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=shardings)(jax.random.PRNGKey(config.seed))
+    return jax.jit(lambda rng, *a: nn.unbox(init(rng, *a)), out_shardings=shardings)(jax.random.PRNGKey(config.seed),
+                                                                                      *args)
 
 
 def eval_params(state: TrainState, use_ema: bool) -> Any:
