@@ -22,6 +22,7 @@ from dlm_jax import families, fileio
 from dlm_jax.data import tokenizers
 from dlm_jax.errors import UserError
 from dlm_jax.families.base import Component, Family
+from dlm_jax.sampling.loop import SampleSpec
 from dlm_jax.train import checkpoint, optim, sharding
 from dlm_jax.train.state import TrainState, abstract_state_and_shardings, eval_params
 
@@ -123,6 +124,7 @@ def save_statistics(workdir: str, stats: dict[str, np.ndarray], replace: bool = 
 def restore_for_inference(workdir: str, config: ml_collections.ConfigDict,
                           devices: list | None = None) -> tuple[Experiment, Any, int]:
     """(experiment, eval params (EMA when kept), step) of the latest checkpoint in workdir; no optimizer work."""
+    check_workdir_matches(config, workdir)
     exp = build_experiment(config, devices)
     exp.family.use_statistics(load_statistics(workdir), workdir)
     if not has_trainable_params(exp):
@@ -137,33 +139,52 @@ def restore_for_inference(workdir: str, config: ml_collections.ConfigDict,
     return exp, eval_params(state, config.eval.use_ema), step
 
 
+def on_mesh_of(config: ml_collections.ConfigDict, parent: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A loaded workdir's `config` with the mesh axes of the experiment `parent` that uses its model."""
+    return config_lib.apply_overrides(config, [f"--config.mesh.{axis}={parent.mesh[axis]}"
+                                               for axis in sharding.MESH_AXES])
+
+
 def load_component(workdir: str, name: str, accepted: tuple[str, ...],
-                   parent: ml_collections.ConfigDict | None = None, devices: list | None = None) -> Component:
-    """The frozen trained model of another workdir (config key components.<name>.workdir): its family, eval params
-    and config. `parent`: the config of the experiment that uses it (its mesh is used for the component too)."""
-    key = f"components.{name}.workdir"
+                   parent: ml_collections.ConfigDict | None = None, devices: list | None = None,
+                   key: str | None = None) -> Component:
+    """The frozen trained model of another workdir (config key components.<name>.workdir, or the setting `key`
+    that names it): its family, eval params and config. `parent`: the config of the experiment that uses it (its
+    mesh is used for the component too)."""
+    key = key or f"components.{name}.workdir"
     try:
         config = load_workdir_config(workdir)
         if config.model.family not in accepted:
             raise UserError(f"it holds a {config.model.family!r} model, this slot takes {' or '.join(accepted)}")
         if parent is not None:
-            config = config_lib.apply_overrides(config, [f"--config.mesh.{axis}={parent.mesh[axis]}"
-                                                         for axis in sharding.MESH_AXES])
+            config = on_mesh_of(config, parent)
         exp, params, _ = restore_for_inference(workdir, config, devices)
     except UserError as e:
         raise UserError(f"{key}={workdir!r}: {e}") from None
     return Component(name, workdir, exp.family, params, config)
 
 
+def load_sampler_components(exp: Experiment, spec: SampleSpec) -> None:
+    """Loads the workdirs the sampler's options name (DiffuSpec's AR verifier, `Sampler.components`) into
+    exp.family as components, so their params reach the jitted sampler as arguments (exp.frozen); once per workdir."""
+    for name, accepted in exp.family.sampler(spec.sampler).components:
+        workdir, loaded = spec.option(name, ""), exp.family.components.get(name)
+        if workdir and (loaded is None or loaded.workdir != workdir):
+            key = f"--sampler.{name}"
+            component = load_component(workdir, name, accepted, exp.config, list(exp.mesh.devices.flat), key)
+            exp.family.add_component(component, key)
+
+
 def check_workdir_matches(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """A workdir holding checkpoints of another model shape is an error, not a silent restart."""
+    """A workdir holding checkpoints of another model shape (or read another way: a family's `reading_keys`) is an
+    error, not a silent restart nor a silently wrong eval."""
     if not fileio.as_path(saved_config_path(workdir)).is_file():
         return
     saved = load_workdir_config(workdir)
-    ckpt_dir = fileio.as_path(fileio.join(workdir, "checkpoints"))
-    if not ckpt_dir.is_dir() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+    if not checkpoint.has_checkpoint(workdir):
         return
-    family_keys = tuple(f"{config.model.family}.{k}" for k in families.get(config.model.family).shape_keys)
+    cls = families.get(config.model.family)
+    family_keys = tuple(f"{config.model.family}.{k}" for k in (*cls.shape_keys, *cls.reading_keys))
     for key in (*SHAPE_KEYS, *family_keys, "train.ema_decay"):
         old, new = config_lib.get_value(saved, key), config_lib.get_value(config, key)
         if key == "train.ema_decay":  # only whether EMA params exist changes the checkpoint's structure

@@ -180,18 +180,29 @@ def _sampling_setup(args, config, sampler: str | None, steps: int, options: dict
         raise UserError(f"the model was trained on data.seq_len={config.data.seq_len} tokens; cannot sample "
                         f"{len(template)} (lower --length, or slide a context window: --sampler.window=W with "
                         "--sampler=semi_ar or block_nocache)")
-    exp.family.check_sample(spec, template)
-    if args.judge_workdir:  # a judge the sampler itself consults (EDLM's energy) would grade its own choices
-        for name in exp.family.sampling_components:
-            component = exp.family.components.get(name)
-            if component and os.path.realpath(component.workdir) == os.path.realpath(args.judge_workdir):
-                raise UserError(f"--judge_workdir={args.judge_workdir} is components.{name} of this model, which its "
-                                "sampler runs: it would grade its own choices; judge with an independently trained "
-                                "AR workdir")
+    _check_sampler(exp, spec, template, args.judge_workdir)
     judge = Judge(args.judge_workdir) if args.judge_workdir else None
     if judge is not None:
         judge.prepare(np.zeros((1, 1), np.int32), exp.tokenizer, args.retokenize)  # tokenizer clash: fail early
     return exp, params, step, spec, template, judge, batch_size
+
+
+def _check_sampler(exp, spec, template, judge_workdir: str | None) -> None:
+    """Loads the workdirs the sampler's options name (DiffuSpec's verifier), checks the setting, and refuses a judge
+    the sampler itself consults (EDLM's energy, DiffuSpec's verifier): it would grade its own choices."""
+    from dlm_jax.experiment import load_sampler_components
+
+    load_sampler_components(exp, spec)
+    exp.family.check_sample(spec, template)
+    if not judge_workdir:
+        return
+    consulted = {name: f"components.{name}" for name in exp.family.sampling_components}
+    consulted.update({name: f"--sampler.{name}" for name, _ in exp.family.sampler(spec.sampler).components})
+    for name, key in consulted.items():
+        component = exp.family.components.get(name)
+        if component and os.path.realpath(component.workdir) == os.path.realpath(judge_workdir):
+            raise UserError(f"--judge_workdir={judge_workdir} is {key} of this model, which its sampler runs: it "
+                            "would grade its own choices; judge with an independently trained AR workdir")
 
 
 def cmd_eval(args, config) -> None:
@@ -215,13 +226,15 @@ def _cmd_eval_gen(args, config, options) -> None:
 
     steps_list = [int(x) for x in args.steps_list.split(",") if x.strip()]
     exp, params, step, spec, template, judge, batch_size = _sampling_setup(args, config, None, min(steps_list), {})
-    samplers = args.samplers.split(",") if args.samplers else list(exp.family.samplers)
+    samplers = args.samplers.split(",") if args.samplers else [  # by default, those that run no other workdir or
+        name for name, entry in exp.family.samplers.items()    # whose workdir option is given
+        if all(options.get(option) for option, _ in entry.components)]
     specs = []
     for name in samplers:  # every setting is checked before the first (slow) one runs
         opts = sampler_options(exp.family, name, options, strict=False)
         for steps in steps_list:
             specs.append(dataclasses.replace(spec, sampler=name, steps=steps, options=opts))
-            exp.family.check_sample(specs[-1], template)
+            _check_sampler(exp, specs[-1], template, args.judge_workdir)
     used = {f.name for s in specs for f in dataclasses.fields(s.options)}
     if set(options) - used:
         raise UserError(f"no sampler of --samplers={','.join(samplers)} has option(s) "

@@ -114,7 +114,8 @@ def test_json_roundtrip():
 
 def test_every_family_has_its_section_and_no_family_key_is_flat_in_model():
     c = families.base_config()
-    assert set(c.mdlm) == {"schedule", "schedule_power", "t_eps", "antithetic", "num_timesteps", "schedule_shift"}
+    assert set(c.mdlm) == {"schedule", "schedule_power", "t_eps", "antithetic", "num_timesteps", "schedule_shift",
+                           "shift_logits", "anneal_steps"}
     assert set(c.block) == {"schedule", "schedule_power", "t_eps", "antithetic", "block_size", "clip_beta",
                             "clip_omega", "resample"}
     assert "ar" not in c  # no section: nothing to configure

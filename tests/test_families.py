@@ -13,7 +13,13 @@ import pytest
 from dlm_jax import config as config_lib
 from dlm_jax import families, main
 from dlm_jax.errors import UserError
-from dlm_jax.experiment import build_experiment, load_component, load_workdir_config, restore_for_inference
+from dlm_jax.experiment import (
+    build_experiment,
+    load_component,
+    load_sampler_components,
+    load_workdir_config,
+    restore_for_inference,
+)
 from dlm_jax.sampling.loop import SampleSpec
 from dlm_jax.train import sharding
 from dlm_jax.train.loop import train
@@ -32,11 +38,12 @@ def corpus(train_corpus):
 
 @pytest.fixture(scope="module")
 def component_workdirs(tmp_path_factory, corpus):
-    """One tiny trained workdir per component name any family needs (of the first family it accepts)."""
+    """One tiny trained workdir per component name any family or sampler needs (of the first family it accepts)."""
     root = tmp_path_factory.mktemp("components")
     out = {}
     for cls in families.FAMILIES.values():
-        for name, accepted in cls.component_families.items():
+        sampler_components = [c for entry in cls.samplers.values() for c in entry.components]
+        for name, accepted in [*cls.component_families.items(), *sampler_components]:
             if name not in out:
                 out[name] = str(root / name)
                 train(tiny_config(corpus, accepted[0], ["--config.train.num_steps=2"]), out[name])
@@ -121,7 +128,7 @@ def trained(tmp_path_factory, corpus, component_workdirs):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_sampler_keeps_known_tokens_and_leaves_no_mask(trained, family):
+def test_every_sampler_keeps_known_tokens_and_leaves_no_mask(trained, component_workdirs, family):
     exp, params, _ = restore_for_inference(trained[family], load_workdir_config(trained[family]))
     templates = [np.array([84, 111, 32] + [-1] * 13, np.int32), np.array([-1] * 4 + [97, 98] + [-1] * 10, np.int32)]
     if not exp.family.samplers:  # a family that does not generate (Cosmos's autoencoder) says so in one line
@@ -131,7 +138,9 @@ def test_every_sampler_keeps_known_tokens_and_leaves_no_mask(trained, family):
     for sampler, entry in exp.family.samplers.items():
         ran = 0
         for template in templates:
-            spec = SampleSpec(sampler, 2, 16, steps=8, options=entry.options())
+            workdirs = {name: component_workdirs[name] for name, _ in entry.components}  # e.g. DiffuSpec's verifier
+            spec = SampleSpec(sampler, 2, 16, steps=8, options=entry.options(**workdirs))
+            load_sampler_components(exp, spec)
             try:
                 exp.family.check_sample(spec, template)
             except UserError:

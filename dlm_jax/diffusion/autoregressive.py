@@ -15,9 +15,14 @@ from dlm_jax.diffusion.common import token_nll
 Array = jax.Array
 
 
+def prepend_bos(x: Array, bos_id: int) -> Array:
+    """[BOS, x_0, ..., x_{L-1}]: x [B, L] -> [B, L + 1]."""
+    return jnp.concatenate([jnp.full((x.shape[0], 1), bos_id, x.dtype), x], axis=1)
+
+
 def shift_right(x: Array, bos_id: int) -> Array:
     """[BOS, x_0, ..., x_{L-2}]: the causal model reads this and predicts x. x: [B, L]."""
-    return jnp.concatenate([jnp.full_like(x[:, :1], bos_id), x[:, :-1]], axis=1)
+    return prepend_bos(x[:, :-1], bos_id)
 
 
 def token_logprob(logits_fn: Callable[[Array], Array], x: Array, bos_id: int) -> Array:

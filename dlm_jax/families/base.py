@@ -38,6 +38,9 @@ class Sampler:
     options: type = NoOptions  # frozen dataclass of the sampler's options (`--sampler.key=value`)
     check: Callable[..., None] | None = None  # (family, spec, template) -> None or a one-line UserError
     doc: str = ""
+    # (option, accepted families): options naming another workdir whose model the sampler runs (DiffuSpec's AR
+    # verifier); experiment.load_sampler_components adds it as the family's component of that name
+    components: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +68,7 @@ class Family:
     samplers: ClassVar[dict[str, Sampler]] = {}  # the first is the default; none: the family does not generate
     no_sampler_hint: ClassVar[str] = ""  # what to do instead, for the error of a family without samplers
     shape_keys: ClassVar[tuple[str, ...]] = ()  # keys of the family's section that fix the params' shapes
+    reading_keys: ClassVar[tuple[str, ...]] = ()  # keys that change how the params are read, not their shapes
 
     @classmethod
     def config_section(cls) -> ml_collections.ConfigDict | None:
@@ -87,10 +91,21 @@ class Family:
         self.tokenizer = tokenizer
         self.components = components
         self.frozen: dict[str, Params] = {name: c.params for name, c in components.items()}
-        for name, component in components.items():  # a component reads and writes this model's token ids
-            if component.family.tokenizer.describe() != tokenizer.describe():
-                raise UserError(f"components.{name}.workdir={component.workdir!r} uses another tokenizer "
-                                f"({component.family.tokenizer.describe()}, this config: {tokenizer.describe()})")
+        for name, component in components.items():
+            self._check_tokenizer(component, f"components.{name}.workdir")
+
+    def _check_tokenizer(self, component: Component, key: str) -> None:
+        """A component reads and writes this model's token ids: a one-line error naming `key` otherwise."""
+        theirs, ours = component.family.tokenizer.describe(), self.tokenizer.describe()
+        if theirs != ours:
+            raise UserError(f"{key}={component.workdir!r} uses another tokenizer ({theirs}, this config: {ours})")
+
+    def add_component(self, component: Component, key: str) -> None:
+        """Adopts a component loaded after construction (a sampler's verifier, named by the setting `key`): its
+        params join `frozen`, the jit arguments."""
+        self._check_tokenizer(component, key)
+        self.components = {**self.components, component.name: component}
+        self.frozen = {**self.frozen, component.name: component.params}
 
     def bind(self, frozen: dict[str, Params]) -> Family:
         """This family reading `frozen` as its components' params (jit arguments, not baked-in constants)."""
@@ -108,7 +123,8 @@ class Family:
         raise NotImplementedError
 
     def loss(self, params: Params, batch: dict[str, Array], rng: Array, train: bool) -> tuple[Array, Metrics]:
-        """The training objective (scalar) and metrics to log."""
+        """The training objective (scalar) and metrics to log. batch: "tokens", "loss_mask" [B, L]; in training
+        also "step" (the optimizer step, a scalar int32) for schedules inside the loss."""
         raise NotImplementedError
 
     def likelihood_terms(self, params: Params, batch: dict[str, Array], rng: Array) -> Metrics:

@@ -12,9 +12,10 @@ from dlm_jax.diffusion import block as block_diffusion
 from dlm_jax.errors import UserError
 from dlm_jax.families import registry
 from dlm_jax.families.base import Sampler
-from dlm_jax.families.mdlm import MaskedFamily, masked_process_section
+from dlm_jax.families.mdlm import MaskedFamily, masked_process_section, speculative_samplers
 from dlm_jax.sampling import block as block_sampling
 from dlm_jax.sampling import masked as masked_sampling
+from dlm_jax.sampling import speculative
 from dlm_jax.sampling.loop import SampleSpec
 
 Array = jax.Array
@@ -53,6 +54,7 @@ class Block(MaskedFamily):
                          "block by block against the exact KV cache of the finished blocks"),
         "block_nocache": Sampler(_sample, block_sampling.BlockOptions, _check,
                                  "the same draws, a full block-causal forward per step (no cache)"),
+        **speculative_samplers(speculative.FreeDaveOptions),
     }
 
     @classmethod
@@ -83,6 +85,13 @@ class Block(MaskedFamily):
 
     def block_size(self) -> int:
         return self.config.block.block_size
+
+    def sequence_forward(self, params, rng: Array) -> masked_sampling.LogitsFn:
+        full = self.logits_fn(params, rng, train=False)
+        return lambda tokens, t: full(tokens, t, mask_mode="block_causal")
+
+    def decoding_block(self, spec: SampleSpec) -> int:
+        return self.block_size()
 
     def _nelbo_terms(self, params, batch, rng, beta: float, omega: float, train: bool):
         logits_fn = self.logits_fn(params, rng[1], train)

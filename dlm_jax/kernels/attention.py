@@ -75,9 +75,15 @@ def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_mode: str, b
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_mode: str = "full", impl: str = "auto",
-              block_size: int = 1) -> jax.Array:
-    """Multi-head attention. q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D]."""
+              block_size: int = 1, mask: jax.Array | None = None) -> jax.Array:
+    """Multi-head attention. q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D]. An explicit boolean `mask`
+    [Lq, Lk] (a random annealed mask: `reference.anneal_mask`) runs on xla only (`auto` falls back to it)."""
     reference.check_mask_mode(mask_mode, k.shape[1], block_size)
+    if mask is not None:
+        if impl not in ("auto", "xla"):
+            raise ValueError(f"an explicit attention mask (mdlm.anneal_steps) needs attention_impl auto or xla, "
+                             f"got {impl!r}")
+        return reference.attention(q, k, v, mask_mode, block_size, mask)
     impl = resolve_impl(impl, "attention", mask_mode, k.shape[1], q.dtype)
     if impl == "xla":
         return reference.attention(q, k, v, mask_mode, block_size)

@@ -8,6 +8,8 @@ tile indices, splash attention on a numpy grid):
   bd3_train     BD3-LM training over [x_t ; x_0] (q_len = kv_len = 2L; index x < L is noisy token x, x >= L is clean
                 token x - L): noisy->noisy same block; noisy->clean block(j - L) < block(i) (strictly earlier
                 blocks); clean->noisy never; clean->clean block(j - L) <= block(i - L).
+An explicit boolean `mask` [Lq, Lk] (the xla path only) further restricts a mode's pairs: `anneal_mask` builds
+DiffuLLaMA's causal-to-full annealed mask with it.
 """
 
 import jax
@@ -55,14 +57,25 @@ def attention_bias_mask(mode: str, q_len: int, kv_len: int, block_size: int = 1)
     return allowed(mode, jnp.arange(q_len)[:, None], jnp.arange(kv_len)[None, :], block_size, kv_len)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_mode: str = "full", block_size: int = 1) -> jax.Array:
+def anneal_mask(rng: jax.Array, ratio: jax.Array, length: int) -> jax.Array:
+    """DiffuLLaMA's attention-mask annealing (Gong et al. 2024): causal OR each other (query, key) pair allowed
+    with prob `ratio` in [0, 1] (0: causal, 1: full); one draw [length, length] bool shared by batch and heads."""
+    rows, cols = jnp.arange(length)[:, None], jnp.arange(length)[None, :]
+    return allowed("causal", rows, cols) | (jax.random.uniform(rng, (length, length)) < ratio)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_mode: str = "full", block_size: int = 1,
+              mask: jax.Array | None = None) -> jax.Array:
     """softmax(q k^T / sqrt(d) + mask) v, with the softmax in float32.
 
-    q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D] in q's dtype.
+    q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D] in q's dtype. `mask` [Lq, Lk] bool: only these pairs
+    (and the mode's) are attended.
     """
     scale = q.shape[-1] ** -0.5
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    mask = attention_bias_mask(mask_mode, q.shape[1], k.shape[1], block_size)
+    mode_mask = attention_bias_mask(mask_mode, q.shape[1], k.shape[1], block_size)
+    if mode_mask is not None:
+        mask = mode_mask if mask is None else mask & mode_mask
     if mask is not None:
         scores = jnp.where(mask[None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)

@@ -142,9 +142,10 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, cos: Array, sin: Array, cache: KVCache | None = None,
-                 cache_index: Array | None = None, cache_len: Array | None = None,
-                 context: Array | None = None) -> tuple[Array, KVCache | None]:
-        """`context` [B, L, d_model] (no cache): cross-attention, keys and values from it at the same positions."""
+                 cache_index: Array | None = None, cache_len: Array | None = None, context: Array | None = None,
+                 mask: Array | None = None) -> tuple[Array, KVCache | None]:
+        """`context` [B, L, d_model] (no cache): cross-attention, keys and values from it at the same positions.
+        `mask` [L, L] bool (no cache): only these pairs are attended (kernels/attention.py)."""
         cfg = self.cfg
         heads = (cfg.num_heads, cfg.head_dim)
         q, k, v = (
@@ -156,7 +157,7 @@ class Attention(nn.Module):
         q = _constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
         if cache is None:
             out = attention_lib.attention(q, k, v, mask_mode=self.mask_mode, impl=cfg.attention_impl,
-                                          block_size=cfg.block_size)
+                                          block_size=cfg.block_size, mask=mask)
         else:  # inside a decoded block: causal for AR, bidirectional for diffusion
             block_mode = "causal" if cfg.mask_mode == "causal" else "full"
             if self.read_cache:
@@ -227,11 +228,13 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, cond: Array | None, cos: Array, sin: Array, cache: KVCache | None = None,
-                 cache_index: Array | None = None, cache_len: Array | None = None) -> tuple[Array, KVCache | None]:
+                 cache_index: Array | None = None, cache_len: Array | None = None,
+                 mask: Array | None = None) -> tuple[Array, KVCache | None]:
         cfg = self.cfg
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation(cond, 6, cfg.d_model, "adaln")
         h, cache = Attention(cfg, self.mask_mode, self.read_cache, name="attention")(
-            modulate(Norm(cfg.norm, name="norm1")(x), shift1, scale1), cos, sin, cache, cache_index, cache_len)
+            modulate(Norm(cfg.norm, name="norm1")(x), shift1, scale1), cos, sin, cache, cache_index, cache_len,
+            mask=mask)
         h = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(h)
         x = gated_residual(x, gate1, h)
         h = Mlp(cfg, name="mlp")(modulate(Norm(cfg.norm, name="norm2")(x), shift2, scale2))
@@ -299,18 +302,19 @@ def scanned_layers(block: type[nn.Module], cfg: TransformerConfig, in_axes: tupl
 
 def run_layers(cfg: TransformerConfig, deterministic: bool, mask_mode: str, x: Array, cond: Array | None,
                cos: Array, sin: Array, cache: KVCache | None = None, cache_index: Array | int = 0,
-               cache_len: Array | None = None, read_cache: bool = True) -> tuple[Array, KVCache | None]:
+               cache_len: Array | None = None, read_cache: bool = True,
+               mask: Array | None = None) -> tuple[Array, KVCache | None]:
     """The stack of `Block`s (scanned, or unrolled as `layer_i`), each with its slice of the KV cache."""
     if cfg.scan_layers:
-        stack = scanned_layers(Block, cfg, (nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+        stack = scanned_layers(Block, cfg, (nn.broadcast,) * 3 + (0,) + (nn.broadcast,) * 3,
                                deterministic, mask_mode, read_cache)
-        return stack(x, cond, cos, sin, cache, cache_index, cache_len)
+        return stack(x, cond, cos, sin, cache, cache_index, cache_len, mask)
     block = remat_block(Block, cfg)
     layer_caches = []
     for i in range(cfg.num_layers):
         layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
         x, layer_cache = block(cfg, deterministic, mask_mode, read_cache, name=f"layer_{i}")(
-            x, cond, cos, sin, layer_cache, cache_index, cache_len)
+            x, cond, cos, sin, layer_cache, cache_index, cache_len, mask)
         layer_caches.append(layer_cache)
     if cache is not None:
         cache = jax.tree.map(lambda *c: jnp.stack(c), *layer_caches)
@@ -325,7 +329,8 @@ class Transformer(nn.Module):
     then returns (logits, cache with the block's K/V written at cache_index). With `cache_len` the block reads
     cache[:cache_len] instead and the cache is returned unchanged (a read-only cache of other positions, e.g.
     Fast-dLLM's dual cache). `positions` [L] overrides the token positions (block diffusion trains on
-    x_t (+) x_0, both halves at 0..L-1); `mask_mode` overrides cfg.mask_mode. Applied with
+    x_t (+) x_0, both halves at 0..L-1); `mask_mode` overrides cfg.mask_mode; `attention_mask` [L, L] bool (no
+    cache, xla attention) further restricts it (MDLM's annealed mask). Applied with
     `mutable="intermediates"` it also sows every layer's output (`hidden`, stacked [num_layers, B, L, D] when
     scanned) and the final normed hidden state (`final_hidden`): what a frozen encoder reads (`hidden_states`).
     """
@@ -335,7 +340,8 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens: Array, t: Array | None = None, deterministic: bool = True,
                  cache: KVCache | None = None, cache_index: Array | int = 0, cache_len: Array | None = None,
-                 positions: Array | None = None, mask_mode: str | None = None) -> Array | tuple[Array, KVCache]:
+                 positions: Array | None = None, mask_mode: str | None = None,
+                 attention_mask: Array | None = None) -> Array | tuple[Array, KVCache]:
         cfg = self.cfg
         mask_mode = mask_mode or cfg.mask_mode
         x = embed_tokens(cfg, tokens)  # [B, L, D]
@@ -350,7 +356,7 @@ class Transformer(nn.Module):
             positions = jnp.arange(tokens.shape[1]) + (cache_index if cache is not None else 0)
         cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_base)
         x, cache = run_layers(cfg, deterministic, mask_mode, x, cond, cos, sin, cache, cache_index, cache_len,
-                              read_cache)
+                              read_cache, attention_mask)
         x = final_norm(cfg, x, cond)
         self.sow("intermediates", "final_hidden", x)
         logits = output_head(cfg, x, cfg.vocab_size)
