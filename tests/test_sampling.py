@@ -133,7 +133,7 @@ def test_sampler_options_are_typed_and_documented():
     opts = make_options("semi_ar", masked.SemiAROptions, {"block_length": "8", "inner": "cached"})
     assert opts == masked.SemiAROptions(block_length=8, inner="cached")
     assert make_options("semi_ar", masked.SemiAROptions, {}) == masked.SemiAROptions()
-    with pytest.raises(UserError, match=r"no option 'blocks'; its options: .*block_length=0, inner=ancestral"):
+    with pytest.raises(UserError, match=r"no option 'blocks'; its options: block_length=0, inner=ancestral"):
         make_options("semi_ar", masked.SemiAROptions, {"blocks": "8"})
     with pytest.raises(UserError, match="'sampler.block_length' wants a int"):
         make_options("semi_ar", masked.SemiAROptions, {"block_length": "eight"})

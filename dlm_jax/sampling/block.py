@@ -49,7 +49,7 @@ ENTROPY_WINDOW = 256  # tokens whose unigram entropy the entropy stop rule check
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockOptions(ParallelOptions):
+class BlockFields:
     inner: str = inner_option()
     unmask_schedule: str = unmask_schedule_option()
     time_grid: str = time_grid_option()
@@ -57,6 +57,11 @@ class BlockOptions(ParallelOptions):
     entropy_stop: float = option(0.0, f"end a sample when the unigram entropy (nats) of its last {ENTROPY_WINDOW} "
                                       "tokens falls below this, dropping them (BD3-LM: 4); 0: off")
     window: int = window_option()  # block_nocache only: the exact cache keeps absolute positions
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockOptions(ParallelOptions, BlockFields):
+    """The block samplers' own options, then the parallel rules' (the later base's fields come first)."""
 
 
 def window_entropy(tokens: Array, end: Array, window: int) -> Array:

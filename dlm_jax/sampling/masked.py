@@ -87,11 +87,16 @@ class TopkOptions:
 
 
 @dataclasses.dataclass(frozen=True)
-class SemiAROptions(ParallelOptions):
+class SemiARFields:
     block_length: int = option(0, "tokens per block (0: 16, or the whole length if shorter)")
     inner: str = inner_option()
     unmask_schedule: str = unmask_schedule_option()
     time_grid: str = time_grid_option()
+
+
+@dataclasses.dataclass(frozen=True)
+class SemiAROptions(ParallelOptions, SemiARFields):
+    """semi_ar's own options, then the parallel rules' (a dataclass lists the later base's fields first)."""
 
 
 def window_option() -> int:
