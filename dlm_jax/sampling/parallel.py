@@ -130,6 +130,17 @@ class ParallelDecoding:
         """The time [N] whose mask rate is the masked fraction of the rule's positions (1 at the start)."""
         return self.schedule.time_at_mask_rate(todo.sum(-1) / jnp.maximum(m0, 1))
 
+    def propose_step(self, logits_fn: Callable, state: SamplerState, active: Array, m0: Array, primed: Array | None,
+                     first: Array) -> tuple[Array, Array, Array, Array, Array, Array]:
+        """What a rule's step starts with: (todo: the active [MASK]s, logits of one forward at their time (the primed
+        ones on the first step), the proposal x0, its confidence, the state's next rng, forwards run)."""
+        todo = self.todo(state.tokens, active)
+        t = self.rule_time(todo, m0)
+        logits, forwards = self.first_or_predict(logits_fn, state.tokens, t, primed, first)
+        rng, rng_x0 = jax.random.split(state.rng)
+        x0 = self.propose(rng_x0, logits, state.tokens, t)
+        return todo, logits, x0, draw_confidence(logits, x0), rng, forwards
+
     def parallel(self, logits_fn: Callable, state: SamplerState, active: Array, steps: int,
                  primed: Array | None = None, *, rule: str) -> SamplerState:
         """Until no active [MASK] is left: one forward, the proposal, then the schedule's floor plus `rule`'s
@@ -138,12 +149,7 @@ class ParallelDecoding:
 
         def step(carry: tuple[SamplerState, Array, Array, Array]) -> tuple[SamplerState, Array, Array, Array]:
             st, i, previous, streak = carry
-            todo = self.todo(st.tokens, active)
-            t = self.rule_time(todo, m0)
-            logits, forwards = self.first_or_predict(logits_fn, st.tokens, t, primed, i == 0)
-            rng, rng_x0 = jax.random.split(st.rng)
-            x0 = self.propose(rng_x0, logits, st.tokens, t)
-            confidence = draw_confidence(logits, x0)
+            todo, logits, x0, confidence, rng, forwards = self.propose_step(logits_fn, st, active, m0, primed, i == 0)
             floor = jnp.maximum(todo.sum(-1) - self.keep_masked(m0, i, steps), 1)  # >= 1 commit per forward
             commit = topk_commit(confidence, todo, floor)
             progress = 1.0 - todo.sum(-1) / jnp.maximum(m0, 1)
@@ -181,12 +187,7 @@ class ParallelDecoding:
 
         def step(carry: tuple[SamplerState, Array], i: Array) -> tuple[tuple[SamplerState, Array], None]:
             st, held = carry  # held [N, L]: the confidence each committed token was committed with
-            todo = self.todo(st.tokens, active)
-            t = self.rule_time(todo, m0)
-            logits, forwards = self.first_or_predict(logits_fn, st.tokens, t, primed, i == 0)
-            rng, rng_x0 = jax.random.split(st.rng)
-            x0 = self.propose(rng_x0, logits, st.tokens, t)
-            confidence = draw_confidence(logits, x0)
+            todo, logits, x0, confidence, rng, forwards = self.propose_step(logits_fn, st, active, m0, primed, i == 0)
             score = jnp.where(todo, confidence, held)
             keep = topk_commit(score, generated, m0 - self.keep_masked(m0, i, steps))
             tokens = jnp.where(keep & todo, x0, jnp.where(generated & ~keep, self.mask_id, st.tokens))
