@@ -153,8 +153,9 @@ class ParallelDecoding:
             floor = jnp.maximum(todo.sum(-1) - self.keep_masked(m0, i, steps), 1)  # >= 1 commit per forward
             commit = topk_commit(confidence, todo, floor)
             progress = 1.0 - todo.sum(-1) / jnp.maximum(m0, 1)
-            argmax = argmax_last(logits)
-            streak = stable_streak(argmax, previous, streak)
+            if rule == "ccd":  # only CCD tracks the argmax history (the other rules carry it unchanged)
+                argmax = argmax_last(logits)
+                previous, streak = argmax, stable_streak(argmax, previous, streak)
             if rule == "threshold":
                 commit |= threshold_commit(confidence, todo, self.parallel_option("min_confidence"))
             elif rule == "factor":
@@ -165,10 +166,10 @@ class ParallelDecoding:
             elif rule == "sched":
                 threshold = sched_threshold(progress, self.parallel_option("gap"), self.parallel_option("gap_end"))
                 commit |= fill_all_commit(top_gap(logits), todo, threshold)
-            else:  # ccd
+            elif rule == "ccd":
                 commit |= todo & (streak >= self.parallel_option("stable_steps"))
             st = st.replace(tokens=jnp.where(commit, x0, st.tokens), rng=rng, step=st.step + 1, nfe=st.nfe + forwards)
-            return st, i + 1, argmax, streak
+            return st, i + 1, previous, streak
 
         def keep_going(carry: tuple[SamplerState, Array, Array, Array]) -> Array:
             return jnp.any(self.todo(carry[0].tokens, active)) & (carry[1] < steps)
