@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import math
 import os
 from typing import Any
 
@@ -65,6 +66,9 @@ def common_config() -> ml_collections.ConfigDict:
     c.data.packing = "wrap"  # wrap (concatenate + chunk) | pad (one document per row, padded)
     c.data.shuffle = True
     c.data.num_workers = 0  # grain worker processes (0: in the main process)
+    # text_files reads and tokenizes its files whole in memory (about 10x their size in RAM): larger corpora are
+    # refused; stream them instead (data.source=hf, data.path=FILES, data.streaming=True) or raise this (0: no limit)
+    c.data.max_text_mb = 512
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 1000
@@ -121,7 +125,12 @@ def load_config_file(path: str, base: ml_collections.ConfigDict) -> ml_collectio
         raise UserError(f"config file {path!r} failed to import: {type(e).__name__}: {e}") from e
     if not hasattr(module, "get_config"):
         raise UserError(f"config file {path!r} has no get_config() function")
-    config = module.get_config()
+    try:
+        config = module.get_config()
+    except Exception as e:  # noqa: BLE001 -- a recipe that raises is the user's file, reported in one line
+        raise UserError(f"config file {path!r}: get_config() raised {type(e).__name__}: {e}") from e
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise UserError(f"config file {path!r}: get_config() returned a {type(config).__name__}, not a ConfigDict")
     check_schema(config, base, where=path)
     config.lock()
     return config
@@ -218,12 +227,39 @@ def choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
         raise UserError(f"config key {key!r} is {value!r}; choose one of {', '.join(allowed)}")
 
 
+# numeric keys that may be negative (-1 sentinels, checked where they are read); every other number of every
+# section must be >= 0
+NEGATIVE_ALLOWED = ("mesh.data", "mesh.fsdp", "mesh.tensor", "eval.num_batches")
+# numeric keys that must be > 0 (0 would make no sense); `validate_common` checks >= 1 for the counts
+POSITIVE = ("train.learning_rate", "model.rope_base", "sample.num_samples", "sample.steps")
+
+
+def check_number(key: str, value: Any, negative_ok: bool = False) -> None:
+    """A number read from a config or a flag is finite and (unless `negative_ok`) >= 0; other values pass."""
+    for v in value if isinstance(value, tuple) else (value,):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if not math.isfinite(v):
+            raise UserError(f"{key} must be a finite number, got {v}")
+        if v < 0 and not negative_ok:
+            raise UserError(f"{key} must be >= 0, got {v}")
+
+
+def check_numbers(config: ml_collections.ConfigDict) -> None:
+    """Every number anywhere in `config` passes `check_number` (NEGATIVE_ALLOWED may be < 0); POSITIVE ones > 0."""
+    for key, value in flatten(config).items():
+        check_number(f"config key {key!r}", value, negative_ok=key in NEGATIVE_ALLOWED)
+        if key in POSITIVE and value == 0:
+            raise UserError(f"config key {key!r} must be > 0, got {value}")
+
+
 def validate_common(config: ml_collections.ConfigDict) -> None:
     """Checks the common keys' values and consistency; raises a one-line UserError naming the key.
 
     (`dlm_jax.families.validate` runs this, then the family's own checks.)"""
     from dlm_jax.kernels.attention import IMPLS as attention_impls  # here: `dlm-jax compile` sets XLA_FLAGS first
 
+    check_numbers(config)
     m, d, t = config.model, config.data, config.train
     choice("model.mlp_type", m.mlp_type, ("swiglu", "gelu"))
     choice("model.norm", m.norm, ("rmsnorm", "layernorm"))
@@ -243,8 +279,12 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}")
     if (m.d_model // m.num_heads) % 2:
         raise UserError(f"head dim d_model/num_heads={m.d_model // m.num_heads} must be even for rotary embeddings")
-    if not 0.0 <= t.ema_decay < 1.0:
-        raise UserError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    for key in ("train.ema_decay", "train.b1", "train.b2", "model.dropout"):
+        if not 0.0 <= get_value(config, key) < 1.0:
+            raise UserError(f"config key {key!r} must be in [0, 1), got {get_value(config, key)}")
+    if config.eval.num_batches == 0 or config.eval.num_batches < -1:
+        raise UserError(f"config key 'eval.num_batches' must be >= 1 (or -1: the whole val split), got "
+                        f"{config.eval.num_batches}")
     if d.source in ("text_files", "array_record") and not d.path:
         raise UserError(f"data.source={d.source!r} needs --config.data.path=... (a file glob or directory)")
     if d.tokenizer in ("hf", "sentencepiece") and not d.tokenizer_path:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
+import sys
 import zipfile
 from typing import Any
 
@@ -15,6 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from dlm_jax import config as config_lib
@@ -86,12 +89,42 @@ def saved_config_path(workdir: str) -> str:
     return fileio.join(workdir, "config.json")
 
 
-def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a workdir was trained with (WORKDIR/config.json; older layouts are converted on load)."""
+def _missing_keys(text: str, config: ml_collections.ConfigDict) -> list[str]:
+    """The keys of `config` (loaded from the config.json `text`) that the file lacks, i.e. that got defaults; keys
+    of older versions count under their new names (families.registry.FLAT_MODEL_KEYS), and the sections of the
+    other families and their components, which this model never reads, are left out."""
+    saved = set(config_lib.flatten(ml_collections.ConfigDict(json.loads(text))))
+    family = config.model.family
+    saved |= {f"{family}.{key.split('.', 1)[1]}" for key in saved
+              if key.split(".", 1)[0] == "model" and key.split(".", 1)[1] in families.registry.FLAT_MODEL_KEYS}
+    cls = families.get(family)
+    other_sections = set(families.FAMILIES) - {family}
+    unused_components = {f"components.{name}." for name in families.base_config().components} - {
+        f"components.{name}." for name in cls.component_families}
+    return sorted(key for key in config_lib.flatten(config) if key not in saved
+                  and key.split(".", 1)[0] not in other_sections
+                  and not any(key.startswith(prefix) for prefix in unused_components))
+
+
+def _read_workdir_config(workdir: str) -> tuple[ml_collections.ConfigDict, list[str]]:
+    """(the config of WORKDIR/config.json, the keys it lacks: see `_missing_keys`)."""
     path = saved_config_path(workdir)
     if not fileio.as_path(path).is_file():
         raise UserError(f"{workdir!r} has no config.json: is it a dlm-jax workdir? train one with `dlm-jax train`")
-    return families.config_from_json(fileio.read_text(path), where=path)
+    text = fileio.read_text(path)
+    config = families.config_from_json(text, where=path)
+    return config, _missing_keys(text, config)
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a workdir was trained with (WORKDIR/config.json; older layouts are converted on load). Keys the
+    file lacks get their defaults, with a one-line warning naming them."""
+    config, missing = _read_workdir_config(workdir)
+    if missing:
+        names = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        print(f"warning: {saved_config_path(workdir)} has no key(s) {names}; using their defaults (fine for keys a "
+              "newer dlm-jax added; if the file was edited or truncated, restore it)", file=sys.stderr)
+    return config
 
 
 def statistics_path(workdir: str) -> str:
@@ -121,22 +154,51 @@ def save_statistics(workdir: str, stats: dict[str, np.ndarray], replace: bool = 
     fileio.write_bytes(statistics_path(workdir), buffer.getvalue())
 
 
-def restore_for_inference(workdir: str, config: ml_collections.ConfigDict,
-                          devices: list | None = None) -> tuple[Experiment, Any, int]:
-    """(experiment, eval params (EMA when kept), step) of the latest checkpoint in workdir; no optimizer work."""
+def restore_for_inference(workdir: str, config: ml_collections.ConfigDict, devices: list | None = None,
+                          step: int | None = None) -> tuple[Experiment, Any, int]:
+    """(experiment, eval params (EMA when kept), step) of the checkpoint `step` in workdir (None: the latest); no
+    optimizer work. A `step` the workdir has no checkpoint of is a one-line error listing the steps it has."""
     check_workdir_matches(config, workdir)
     exp = build_experiment(config, devices)
     exp.family.use_statistics(load_statistics(workdir), workdir)
     if not has_trainable_params(exp):
+        if step is not None:
+            raise UserError(f"--checkpoint_step={step}: a {config.model.family} model is made of its frozen "
+                            "components and has no checkpoints of its own; leave --checkpoint_step out")
         return exp, exp.family.init_params(jax.random.PRNGKey(0)), 0  # the model is its frozen components
     checkpointer = checkpoint.Checkpointer(workdir, config.train.max_checkpoints)
-    with sharding.mesh_context(exp.mesh):
-        restored = checkpointer.restore_latest(exp.abstract_state)
-    checkpointer.close()
+    try:
+        with sharding.mesh_context(exp.mesh):
+            if step is None:
+                restored = checkpointer.restore_latest(exp.abstract_state)
+            else:
+                restored = _restore_step(checkpointer, exp.abstract_state, step)
+    finally:
+        checkpointer.close()
     if restored is None:
         raise UserError(f"no checkpoint in {workdir!r}; train first: dlm-jax train --config=... --workdir={workdir}")
     state, _, step = restored
     return exp, eval_params(state, config.eval.use_ema), step
+
+
+def _restore_step(checkpointer: checkpoint.Checkpointer, abstract_state: TrainState,
+                  step: int) -> tuple[Any, dict, int] | None:
+    """(state, data_state, step) of checkpoint `step` (as Checkpointer.restore_latest gives the latest); None when
+    there is no checkpoint at all; one-line errors for a step not saved or not readable."""
+    steps = checkpointer.steps()
+    if not steps:
+        return None
+    if step not in steps:
+        raise UserError(f"--checkpoint_step={step}: no checkpoint of step {step} in {checkpointer.directory}; "
+                        f"its steps: {', '.join(map(str, steps))}")
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+    try:
+        restored = checkpointer.manager.restore(step, args=args)
+    except Exception as e:  # noqa: BLE001 -- any unreadable checkpoint is reported the same way
+        why = f"{type(e).__name__}: {e}".replace("\n", " ")[:200]
+        raise UserError(f"--checkpoint_step={step}: the checkpoint in {checkpointer.directory} does not restore "
+                        f"({why}); choose another of its steps: {', '.join(map(str, steps))}") from None
+    return restored["state"], restored["data"], step
 
 
 def on_mesh_of(config: ml_collections.ConfigDict, parent: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -180,7 +242,7 @@ def check_workdir_matches(config: ml_collections.ConfigDict, workdir: str) -> No
     error, not a silent restart nor a silently wrong eval."""
     if not fileio.as_path(saved_config_path(workdir)).is_file():
         return
-    saved = load_workdir_config(workdir)
+    saved, missing = _read_workdir_config(workdir)
     if not checkpoint.has_checkpoint(workdir):
         return
     cls = families.get(config.model.family)
@@ -189,6 +251,10 @@ def check_workdir_matches(config: ml_collections.ConfigDict, workdir: str) -> No
         old, new = config_lib.get_value(saved, key), config_lib.get_value(config, key)
         if key == "train.ema_decay":  # only whether EMA params exist changes the checkpoint's structure
             old, new = ("on" if old > 0 else "off"), ("on" if new > 0 else "off")
+        if old != new and key in missing:  # a default stands in for the value the checkpoint was trained with
+            raise UserError(f"{saved_config_path(workdir)} has no key {key!r} (edited or truncated?); restore it "
+                            f"(the checkpoints of {workdir!r} were trained with some value of it, the default "
+                            f"{old!r} differs from {new!r} now)")
         if old != new:
             raise UserError(
                 f"workdir {workdir!r} holds a checkpoint of another model ({key}: {old!r} there, {new!r} now); "

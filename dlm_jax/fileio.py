@@ -81,6 +81,23 @@ def absolute(path: str | os.PathLike) -> str:
     return os.fspath(as_path(path)) if is_cloud(path) else os.path.abspath(expand(path))
 
 
+def nearest_existing(path: str | os.PathLike) -> str:
+    """The nearest existing ancestor of the local `path` (its parent when that exists)."""
+    parent = os.path.dirname(os.path.abspath(expand(path)))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return parent
+
+
+def file_above(path: str | os.PathLike) -> str | None:
+    """The nearest existing ancestor of a local `path` when it is a regular file (nothing can be created under it),
+    else None (also for cloud URIs, which have no such ancestors)."""
+    if is_cloud(path):
+        return None
+    parent = nearest_existing(path)
+    return None if os.path.isdir(parent) else parent
+
+
 def glob_files(pattern: str) -> list[str]:
     """The files (not directories) matching `pattern`, sorted. Locally `**` matches any depth; in cloud storage
     it is refused (every level would be listed with one request per directory)."""

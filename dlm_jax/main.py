@@ -1,38 +1,91 @@
 """The `dlm-jax` command line: train, eval, sample, prepare, compile.
 
   dlm-jax train   --config=configs/quickstart.py --workdir=DIR [--config.key=value ...]
-  dlm-jax eval    --workdir=DIR [--config.key=value ...]
+  dlm-jax eval    --workdir=DIR [--checkpoint_step=N] [--config.key=value ...]
   dlm-jax sample  --workdir=DIR [--sampler=NAME] [--sampler.key=value ...] [--num_samples=N] [--steps=T]
-                  [--length=L] [--seed=S] [--config.key=value ...]   (--sampler=NAME --help: its options)
+                  [--length=L] [--seed=S] [--checkpoint_step=N] [--output=FILE] [--config.key=value ...]
+                  (--sampler=NAME --help: its options)
   dlm-jax prepare --config=configs/x.py --output_dir=DIR [--config.key=value ...]
   dlm-jax compile --config=configs/x.py --mesh=data=2,fsdp=4 [--config.key=value ...]
+  dlm-jax --version
 
-Bad input (config, data, workdir) ends with one `error: ...` line on stderr and exit code 2.
+Bad input (config, data, workdir) and every other failure end with one `error: ...` line on stderr and exit
+code 2; DLM_JAX_DEBUG=1 (or --debug) shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
+import math
 import os
+import pathlib
+import re
 import sys
-
-import numpy as np
+import textwrap
+from typing import Any
 
 from dlm_jax import config as config_lib
-from dlm_jax import fileio
+from dlm_jax import errors, fileio
 from dlm_jax.errors import UserError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors (a missing or malformed flag) are one `error:` line like every other bad input."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}; see `{self.prog} --help`")
+
+
+def finite_float(text: str) -> float:
+    """A float flag: a finite number (nan / inf are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def version() -> str:
+    """The version of the installed `dlm-jax` distribution, else the one in the setup.py beside this package."""
+    try:
+        return importlib.metadata.version("dlm-jax")
+    except importlib.metadata.PackageNotFoundError:
+        setup = pathlib.Path(__file__).resolve().parent.parent / "setup.py"
+        found = re.search(r'version="([^"]+)"', setup.read_text()) if setup.is_file() else None
+        return found.group(1) if found else "unknown"
+
+
+def _help_end(command: str) -> dict[str, Any]:
+    """add_parser arguments that end `dlm-jax COMMAND --help` with the config overrides, and for sample / eval
+    every sampler name (of all families)."""
+    from dlm_jax import families
+
+    parts = ["Any config key can be overridden with --config.KEY=VALUE, e.g. --config.train.num_steps=500 or "
+             "--config.model.d_model=256 (the keys and defaults: dlm_jax/config.py and the family sections)."]
+    if command in ("sample", "eval"):
+        flag = "--sampler=NAME" if command == "sample" else "--gen --samplers=A,B"
+        parts.append(f"Samplers ({flag}; which a model has depends on its family): "
+                     f"{', '.join(families.sampler_names())}. `--sampler=NAME --help` lists a sampler's options, "
+                     "set with --sampler.KEY=VALUE.")
+    return {"epilog": "\n\n".join(textwrap.fill(part, 100) for part in parts),
+            "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dlm-jax", description="Diffusion language models in JAX.")
+    parser = _Parser(prog="dlm-jax", description="Diffusion language models in JAX.")
+    parser.add_argument("--version", action="version", version=f"dlm-jax {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train (or resume) a model in --workdir")
+    p = sub.add_parser("train", help="train (or resume) a model in --workdir", **_help_end("train"))
     p.add_argument("--config", required=True, help="python config file with get_config()")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard events")
     _add_distributed_args(p)
-    p = sub.add_parser("eval", help="NELBO / NLL, ppl and bits on the val split, or --gen: a sampler sweep")
+    p = sub.add_parser("eval", help="NELBO / NLL, ppl and bits on the val split, or --gen: a sampler sweep",
+                       **_help_end("eval"))
     p.add_argument("--workdir", required=True)
     p.add_argument("--gen", action="store_true", help="sweep samplers x steps: Gen PPL, entropy, NFE, wall time")
     p.add_argument("--samplers", default=None, help="--gen: comma-separated sampler names (default: all)")
@@ -40,17 +93,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default=None, help="--gen: where gen_sweep.{json,csv,png} go (default: WORKDIR)")
     _add_sampling_args(p)
     _add_distributed_args(p)
-    p = sub.add_parser("sample", help="draw samples from the latest checkpoint (last line: JSON)")
+    p = sub.add_parser("sample", help="draw samples from a checkpoint (the latest by default; last line: JSON)",
+                       **_help_end("sample"))
     p.add_argument("--workdir", required=True)
     p.add_argument("--sampler", default=None, help="sampler name (default: the family's first)")
     p.add_argument("--steps", type=int, default=None,
                    help="denoiser forwards T, the final argmax pass included (README: step convention; not AR)")
-    p.add_argument("--output", default=None, help="JSONL file of the samples (default: WORKDIR/samples/...)")
+    p.add_argument("--output", default=None, help="JSONL file of the samples, written batch by batch (default: "
+                   "WORKDIR/samples/SAMPLER_TSTEPS_seedSEED.jsonl; a file of other settings is never replaced)")
     _add_sampling_args(p)
-    p = sub.add_parser("compile", help="lower + compile the train step for a mesh on fake CPU devices; memory")
+    p = sub.add_parser("compile", help="lower + compile the train step for a mesh on fake CPU devices; memory",
+                       **_help_end("compile"))
     p.add_argument("--config", required=True)
     p.add_argument("--mesh", required=True, help="mesh sizes, e.g. data=2,fsdp=4 (tensor defaults to 1)")
-    p = sub.add_parser("prepare", help="tokenize + pack a corpus into array_record shards")
+    p = sub.add_parser("prepare", help="tokenize + pack a corpus into array_record shards", **_help_end("prepare"))
     p.add_argument("--config", required=True)
     p.add_argument("--output_dir", required=True)
     p.add_argument("--num_shards", type=int, default=4)
@@ -64,14 +120,15 @@ def _add_distributed_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint_step", type=int, default=None, help="restore this step (default: the latest)")
     p.add_argument("--num_samples", type=int, default=None)
     p.add_argument("--length", type=int, default=None, help="tokens per sample, prompt included (default: seq_len)")
     p.add_argument("--batch_size", type=int, default=None, help="samples per jitted call (default: num_samples)")
     p.add_argument("--prompt", default=None, help="text kept as the prefix of every sample")
     p.add_argument("--infill", default=None, help="text with [MASK] / [MASK*N] spans to fill (diffusion models)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    p.add_argument("--temperature", type=finite_float, default=None)
+    p.add_argument("--top_p", type=finite_float, default=1.0, help="nucleus sampling mass (1: off)")
     p.add_argument("--judge_workdir", default=None, help="an AR workdir that scores the samples (Gen PPL)")
     p.add_argument("--retokenize", action="store_true", help="score with a judge of another tokenizer")
 
@@ -102,18 +159,6 @@ def _load(args: argparse.Namespace, overrides: list[str]):
     config = config_lib.apply_overrides(config, overrides)
     families.validate(config)
     return config
-
-
-def sampler_options(family, sampler: str, values: dict[str, str], strict: bool = True):
-    """The typed options of `sampler` from --sampler.k=v values; strict: every key must be one of its options
-    (a sweep passes strict=False and gives each sampler the keys it has)."""
-    from dlm_jax.sampling.loop import make_options
-
-    options_cls = family.sampler(sampler).options
-    if not strict:
-        names = {f.name for f in dataclasses.fields(options_cls)}
-        values = {k: v for k, v in values.items() if k in names}
-    return make_options(sampler, options_cls, values)
 
 
 def _sampler_help(argv: list[str]) -> bool:
@@ -149,62 +194,6 @@ def cmd_train(args, config) -> None:
     print(json.dumps({"workdir": args.workdir, **metrics}))
 
 
-def _sampling_setup(args, config, sampler: str | None, steps: int, options: dict[str, str]):
-    """(experiment, params, step, spec, template, judge) for `sample` and `eval --gen`; validates everything
-    before any compile."""
-    from dlm_jax.eval.genppl import Judge
-    from dlm_jax.experiment import restore_for_inference
-    from dlm_jax.sampling.loop import SampleSpec
-    from dlm_jax.sampling.prompts import build_template
-
-    num_samples = config.sample.num_samples if args.num_samples is None else args.num_samples
-    batch_size = num_samples if args.batch_size is None else args.batch_size
-    for name, value in (("--num_samples", num_samples), ("--steps", steps), ("--batch_size", batch_size)):
-        if value < 1:
-            raise UserError(f"{name} must be >= 1, got {value}")
-    if not 0.0 < args.top_p <= 1.0:
-        raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
-    temperature = config.sample.temperature if args.temperature is None else args.temperature
-    if temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {temperature}")
-    exp, params, step = restore_for_inference(args.workdir, config)
-    length = args.length
-    if length is None and args.infill is None:
-        length = config.sample.length or config.data.seq_len
-    template = build_template(exp.tokenizer, length, args.prompt, args.infill)
-    sampler = sampler or exp.family.default_sampler
-    spec = SampleSpec(sampler=sampler, num_samples=num_samples, length=len(template), steps=steps,
-                      temperature=temperature, top_p=args.top_p,
-                      options=sampler_options(exp.family, sampler, options))
-    if len(template) > config.data.seq_len and not spec.option("window", 0):
-        raise UserError(f"the model was trained on data.seq_len={config.data.seq_len} tokens; cannot sample "
-                        f"{len(template)} (lower --length, or slide a context window: --sampler.window=W with "
-                        "--sampler=semi_ar or block_nocache)")
-    _check_sampler(exp, spec, template, args.judge_workdir)
-    judge = Judge(args.judge_workdir) if args.judge_workdir else None
-    if judge is not None:
-        judge.prepare(np.zeros((1, 1), np.int32), exp.tokenizer, args.retokenize)  # tokenizer clash: fail early
-    return exp, params, step, spec, template, judge, batch_size
-
-
-def _check_sampler(exp, spec, template, judge_workdir: str | None) -> None:
-    """Loads the workdirs the sampler's options name (DiffuSpec's verifier), checks the setting, and refuses a judge
-    the sampler itself consults (EDLM's energy, DiffuSpec's verifier): it would grade its own choices."""
-    from dlm_jax.experiment import load_sampler_components
-
-    load_sampler_components(exp, spec)
-    exp.family.check_sample(spec, template)
-    if not judge_workdir:
-        return
-    consulted = {name: f"components.{name}" for name in exp.family.sampling_components}
-    consulted.update({name: f"--sampler.{name}" for name, _ in exp.family.sampler(spec.sampler).components})
-    for name, key in consulted.items():
-        component = exp.family.components.get(name)
-        if component and os.path.realpath(component.workdir) == os.path.realpath(judge_workdir):
-            raise UserError(f"--judge_workdir={judge_workdir} is {key} of this model, which its sampler runs: it "
-                            "would grade its own choices; judge with an independently trained AR workdir")
-
-
 def cmd_eval(args, config) -> None:
     if args.gen:
         return _cmd_eval_gen(args, config, args.sampler_options)
@@ -214,7 +203,7 @@ def cmd_eval(args, config) -> None:
     from dlm_jax.experiment import restore_for_inference
     from dlm_jax.train import sharding
 
-    exp, params, step = restore_for_inference(args.workdir, config)
+    exp, params, step = restore_for_inference(args.workdir, config, step=args.checkpoint_step)
     with sharding.mesh_context(exp.mesh):
         evaluator = Evaluator(exp, sharding.batch_sharding(exp.mesh))
         results = evaluator.run(params, step, config.eval.num_batches, extras=True)
@@ -222,10 +211,16 @@ def cmd_eval(args, config) -> None:
 
 
 def _cmd_eval_gen(args, config, options) -> None:
+    from dlm_jax.eval.sampling_setup import check_sampler, sampler_options, sampling_setup
     from dlm_jax.eval.sweep import run_sweep
 
-    steps_list = [int(x) for x in args.steps_list.split(",") if x.strip()]
-    exp, params, step, spec, template, judge, batch_size = _sampling_setup(args, config, None, min(steps_list), {})
+    try:
+        steps_list = [int(x) for x in args.steps_list.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--steps_list={args.steps_list!r}: give comma-separated step counts like 16,64,256") from None
+    if not steps_list:
+        raise UserError("--steps_list is empty; give comma-separated step counts like 16,64,256")
+    exp, params, step, spec, template, judge, batch_size = sampling_setup(args, config, None, min(steps_list), {})
     samplers = args.samplers.split(",") if args.samplers else [  # by default, those that run no other workdir or
         name for name, entry in exp.family.samplers.items()    # whose workdir option is given
         if all(options.get(option) for option, _ in entry.components)]
@@ -234,7 +229,7 @@ def _cmd_eval_gen(args, config, options) -> None:
         opts = sampler_options(exp.family, name, options, strict=False)
         for steps in steps_list:
             specs.append(dataclasses.replace(spec, sampler=name, steps=steps, options=opts))
-            _check_sampler(exp, specs[-1], template, args.judge_workdir)
+            check_sampler(exp, specs[-1], template, args.judge_workdir)
     used = {f.name for s in specs for f in dataclasses.fields(s.options)}
     if set(options) - used:
         raise UserError(f"no sampler of --samplers={','.join(samplers)} has option(s) "
@@ -245,22 +240,25 @@ def _cmd_eval_gen(args, config, options) -> None:
 
 
 def cmd_sample(args, config) -> None:
+    """Samples to stdout and to the JSONL file (eval/sample_output.py), batch by batch; the last line: JSON stats."""
+    from dlm_jax import families
+    from dlm_jax.eval import sample_output
+    from dlm_jax.eval.sampling_setup import sampling_setup
     from dlm_jax.eval.sweep import generation_row
 
     options = args.sampler_options
     steps = config.sample.steps if args.steps is None else args.steps
     if options and args.sampler is None:
         raise UserError("--sampler.KEY options need --sampler=NAME")
-    exp, params, step, spec, template, judge, batch_size = _sampling_setup(args, config, args.sampler, steps, options)
-    tokens, row = generation_row(exp, params, spec, template, args.seed, batch_size, judge, args.retokenize)
-    output = args.output or fileio.join(args.workdir, "samples", f"{spec.sampler}_T{steps}_seed{args.seed}.jsonl")
-    lines = []
-    for i, ids in enumerate(tokens):
-        text = exp.tokenizer.decode(ids)
-        print(f"--- sample {i} (step {step}, {spec.sampler}) ---")
-        print(text)
-        lines.append(json.dumps({"text": text, "tokens": [int(x) for x in ids]}) + "\n")
-    fileio.write_text(output, "".join(lines))
+    sampler = args.sampler or next(iter(families.get(config.model.family).samplers), "none")
+    output = args.output or fileio.join(args.workdir, "samples", f"{sampler}_T{steps}_seed{args.seed}.jsonl")
+    sample_output.check_output_path(output)  # before anything is loaded or compiled
+    exp, params, step, spec, template, judge, batch_size = sampling_setup(args, config, args.sampler, steps, options)
+    settings = sample_output.sample_settings(spec, exp.family.sampler(spec.sampler).uses_steps, args.prompt,
+                                             args.infill, args.seed, step)
+    sample_output.check_existing(output, settings)  # before the compile
+    writer = sample_output.SampleWriter(output, settings, exp.tokenizer, int((template < 0).sum()))
+    _, row = generation_row(exp, params, spec, template, args.seed, batch_size, judge, args.retokenize, writer)
     print(json.dumps({**row, "family": exp.family.name, "checkpoint_step": step, "output": output}))
 
 
@@ -278,7 +276,6 @@ def parse_mesh(text: str) -> dict[str, int]:
 def cmd_compile(args, config) -> None:
     """Ahead-of-time check that the train step of `config` lowers and compiles for the mesh, with the memory
     estimate per device; runs on fake CPU devices so sharding mistakes show before a pod is rented."""
-    import math
 
     import jax
 
@@ -340,38 +337,46 @@ def _fake_devices_for_compile(argv: list[str]) -> None:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
 
 
+def _run(argv: list[str]) -> None:
+    if _sampler_help(argv):
+        return
+    known, overrides, options = _split_overrides(argv)
+    args, unknown = _parser().parse_known_args(known)
+    if options and args.command not in ("sample", "eval"):
+        raise UserError(f"--sampler.KEY options go with `dlm-jax sample`, not `dlm-jax {args.command}`")
+    moved = [a for a in unknown if a.split("=", 1)[0] in MOVED_TO_SAMPLER_OPTIONS]
+    if moved:
+        old = moved[0].split("=", 1)[0]
+        raise UserError(f"{old} is now a sampler option: {old.replace('--', '--sampler.', 1)}=...")
+    if unknown:
+        raise UserError(f"unknown argument(s) {' '.join(unknown)}; see dlm-jax {args.command} --help")
+    if hasattr(args, "coordinator_address"):
+        from dlm_jax.train.distributed import initialize
+
+        initialize(args.coordinator_address, args.num_processes, args.process_id)
+    args.sampler_options = options
+    COMMANDS[args.command](args, _load(args, overrides))
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Runs one command. Whatever goes wrong ends as one `error: ...` line and exit code 2 (errors.one_line says
+    what and how to fix it); DLM_JAX_DEBUG=1 or --debug re-raises with the traceback."""
     argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get("DLM_JAX_DEBUG", "0") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     _fake_devices_for_compile(argv)
     try:
-        if _sampler_help(argv):
-            return
-        known, overrides, options = _split_overrides(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    args, unknown = _parser().parse_known_args(known)
-    try:
-        if options and args.command not in ("sample", "eval"):
-            raise UserError(f"--sampler.KEY options go with `dlm-jax sample`, not `dlm-jax {args.command}`")
-        moved = [a for a in unknown if a.split("=", 1)[0] in MOVED_TO_SAMPLER_OPTIONS]
-        if moved:
-            old = moved[0].split("=", 1)[0]
-            raise UserError(f"{old} is now a sampler option: {old.replace('--', '--sampler.', 1)}=...")
-        if unknown:
-            raise UserError(f"unknown argument(s) {' '.join(unknown)}; see dlm-jax {args.command} --help")
-        if hasattr(args, "coordinator_address"):
-            from dlm_jax.train.distributed import initialize
-
-            initialize(args.coordinator_address, args.num_processes, args.process_id)
-        args.sampler_options = options
-        COMMANDS[args.command](args, _load(args, overrides))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _run(argv)
     except KeyboardInterrupt:
+        if debug:
+            raise
         print("interrupted; the latest checkpoint is kept", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # noqa: BLE001 -- the CLI boundary: every failure becomes one line
+        if debug:
+            raise
+        print(f"error: {errors.one_line(e)}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

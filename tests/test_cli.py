@@ -134,8 +134,10 @@ def test_ccdd_recipe_end_to_end_with_the_ar_as_encoder(workdirs, corpus, tmp_pat
          "--sampler.window=12 must be a multiple of the block (8)"),
     ],
 )
-def test_sample_bad_input_is_one_line(workdirs, extra, message):
-    proc = run("sample", f"--workdir={workdirs['mdlm']}", "--num_samples=1", "--steps=4", *extra, check=message is None)
+def test_sample_bad_input_is_one_line(workdirs, tmp_path, extra, message):
+    output = f"--output={tmp_path / 's.jsonl'}"  # the default path of the two semi_ar settings is the same file
+    proc = run("sample", f"--workdir={workdirs['mdlm']}", "--num_samples=1", "--steps=4", output, *extra,
+               check=message is None)
     if message is not None:
         _assert_one_line_error(proc, message)
 

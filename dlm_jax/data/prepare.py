@@ -36,6 +36,11 @@ def prepare(data: ml_collections.ConfigDict, output_dir: str, num_shards: int = 
     output = fileio.as_path(output_dir)
     if (output / pipeline.META_FILE).exists():
         raise UserError(f"{output_dir!r} already holds a prepared dataset; remove it or pick another --output_dir")
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output_dir={output_dir!r} is an existing file, not a directory; give a new directory")
+    if fileio.file_above(output_dir):
+        raise UserError(f"--output_dir={output_dir!r} lies under the regular file {fileio.file_above(output_dir)!r}; "
+                        "give a directory path")
     if output.is_dir() and any(output.iterdir()):
         raise UserError(f"--output_dir={output_dir!r} is not empty; give a new or empty directory")
     tokenizer = tokenizers.get_tokenizer(data)
@@ -46,28 +51,11 @@ def prepare(data: ml_collections.ConfigDict, output_dir: str, num_shards: int = 
         staging = output_dir.rstrip("/") + ".incomplete"
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
-    summary = {**tokenizer.describe(), "seq_len": data.seq_len, "packing": data.packing, "source": data.source,
-               "splits": {}}
-    for split in sources.SPLITS:
-        docs = sources.load_documents(data, split)
-        writers = [ArrayRecordWriter(os.path.join(staging, f"{split}-{i:05d}-of-{num_shards:05d}.array_record"),
-                                     "group_size:1") for i in range(num_shards)]
-        rows = tokens = 0
-        packed = pipeline.pack(pipeline.tokenize(docs, tokenizer, desc=f"preparing {split}"), data.seq_len,
-                               data.packing, tokenizer.eos_id, tokenizer.pad_id)
-        for block_tokens, block_mask in packed:
-            for row_tokens, row_mask in zip(block_tokens, block_mask, strict=True):
-                writers[rows % num_shards].write(pipeline.row_to_record(row_tokens, row_mask))
-                rows += 1
-            tokens += int(block_mask.sum())
-        for writer in writers:
-            writer.close()
-        if rows == 0:
-            shutil.rmtree(staging)
-            raise UserError(f"the {split} split is shorter than one sequence of data.seq_len={data.seq_len} tokens")
-        summary["splits"][split] = {"rows": rows, "tokens": tokens}
-    with open(os.path.join(staging, pipeline.META_FILE), "w") as f:
-        json.dump(summary, f, indent=2)
+    try:
+        summary = _write_splits(data, tokenizer, staging, num_shards)
+    except BaseException:  # an error or Ctrl-C leaves no half-written staging directory behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if fileio.is_cloud(output_dir):
         _upload(staging, output)
     else:
@@ -87,3 +75,31 @@ def _upload(staging: str, output: epath.Path) -> None:
         with open(os.path.join(staging, name), "rb") as src, (output / name).open("wb") as dst:
             shutil.copyfileobj(src, dst, length=16 << 20)
     shutil.rmtree(staging)
+
+
+def _write_splits(data: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer, staging: str,
+                  num_shards: int) -> dict:
+    """Tokenizes, packs and writes both splits as array_record shards plus meta.json into `staging`."""
+    summary = {**tokenizer.describe(), "seq_len": data.seq_len, "packing": data.packing, "source": data.source,
+               "splits": {}}
+    for split in sources.SPLITS:
+        docs = sources.load_documents(data, split)
+        writers = [ArrayRecordWriter(os.path.join(staging, f"{split}-{i:05d}-of-{num_shards:05d}.array_record"),
+                                     "group_size:1") for i in range(num_shards)]
+        rows = tokens = 0
+        packed = pipeline.pack(pipeline.tokenize(docs, tokenizer, desc=f"preparing {split}"), data.seq_len,
+                               data.packing, tokenizer.eos_id, tokenizer.pad_id)
+        for block_tokens, block_mask in packed:
+            for row_tokens, row_mask in zip(block_tokens, block_mask, strict=True):
+                writers[rows % num_shards].write(pipeline.row_to_record(row_tokens, row_mask))
+                rows += 1
+            tokens += int(block_mask.sum())
+        for writer in writers:
+            writer.close()
+        if rows == 0:
+            raise UserError(f"the {split} split is shorter than one sequence of data.seq_len={data.seq_len} tokens")
+        summary["splits"][split] = {"rows": rows, "tokens": tokens}
+    with open(os.path.join(staging, pipeline.META_FILE), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+

@@ -99,6 +99,18 @@ class _TextSlice:
         return text[cut:] if self.split == "validation" else text[:cut]
 
 
+def _check_size(paths: list[str], data: ml_collections.ConfigDict) -> None:
+    """text_files holds the tokenized corpus in memory (about 10x its bytes in RAM): above data.max_text_mb it is a
+    one-line error pointing at the streaming reader, before anything is read."""
+    size_mb = sum(fileio.as_path(p).stat().length for p in paths) / 2**20
+    if 0 < data.max_text_mb < size_mb:
+        raise UserError(
+            f"data.path={data.path!r} holds {size_mb:.0f} MB of text, over data.max_text_mb={data.max_text_mb} "
+            "(source=text_files reads it whole: about 10x that in RAM); stream it with --config.data.source=hf "
+            "--config.data.streaming=True (same data.path), or `dlm-jax prepare` it that way into array_record "
+            "shards, or raise data.max_text_mb")
+
+
 def text_files(data: ml_collections.ConfigDict, split: str) -> Documents:
     """Files matching the glob `data.path`; each file is a document (each line with `data.document_per_line`)."""
     pattern = fileio.expand(data.path)
@@ -107,6 +119,7 @@ def text_files(data: ml_collections.ConfigDict, split: str) -> Documents:
         raise UserError(f"data.path={data.path!r} matches no files; give a text file or a glob like 'dir/*.txt'")
     if all(fileio.as_path(p).stat().length == 0 for p in paths):
         raise UserError(f"data.path={data.path!r}: every matching file is empty")
+    _check_size(paths, data)
     if len(paths) == 1:
         texts = [_TextSlice(paths[0], split, data.val_fraction).read()]
     else:

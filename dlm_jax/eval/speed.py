@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -12,10 +13,15 @@ import numpy as np
 from dlm_jax.sampling.loop import SampleSpec
 from dlm_jax.train import sharding
 
+# Called after each batch: (batch index, number of batches, the batch's samples [n, L] (the last batch cut to
+# num_samples), sampling seconds so far, compile excluded).
+BatchCallback = Callable[[int, int, np.ndarray, float], None]
 
-def timed_sample(exp: Any, params: Any, spec: SampleSpec, template: np.ndarray, seed: int,
-                 batch_size: int) -> tuple[np.ndarray, dict[str, float]]:
-    """`spec.num_samples` samples in batches of `batch_size` (batch b uses fold_in(PRNGKey(seed), b)).
+
+def timed_sample(exp: Any, params: Any, spec: SampleSpec, template: np.ndarray, seed: int, batch_size: int,
+                 on_batch: BatchCallback | None = None) -> tuple[np.ndarray, dict[str, float]]:
+    """`spec.num_samples` samples in batches of `batch_size` (batch b uses fold_in(PRNGKey(seed), b)); `on_batch`
+    sees each batch as it finishes (outside the clock).
 
     Returns (tokens [N, L], {"nfe": mean NFE per batch, "seconds": sampling wall time, compile excluded, and
     "mean_length" when the sampler ends samples early (its stats carry "lengths"), and the mean of any other scalar
@@ -36,6 +42,8 @@ def timed_sample(exp: Any, params: Any, spec: SampleSpec, template: np.ndarray, 
             tokens, stats = jax.block_until_ready(compiled(params, exp.frozen, rng))
             seconds += time.perf_counter() - start
             outputs.append(np.asarray(jax.device_get(tokens)))
+            if on_batch is not None:
+                on_batch(b, num_batches, outputs[-1][: spec.num_samples - b * batch], seconds)
             nfes.append(int(stats["nfe"]))
             if "lengths" in stats:
                 lengths.append(np.asarray(jax.device_get(stats["lengths"])))

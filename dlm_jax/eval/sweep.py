@@ -12,16 +12,19 @@ import numpy as np
 from dlm_jax import fileio
 from dlm_jax.eval.entropy import unigram_entropy_bits
 from dlm_jax.eval.genppl import Judge
-from dlm_jax.eval.speed import timed_sample
+from dlm_jax.eval.speed import BatchCallback, timed_sample
 from dlm_jax.sampling.loop import SampleSpec
 
 
 def generation_row(exp: Any, params: Any, spec: SampleSpec, template: np.ndarray, seed: int, batch_size: int,
-                   judge: Judge | None, retokenize: bool) -> tuple[np.ndarray, dict[str, Any]]:
-    """Samples of one setting and their numbers: the JSON row `dlm-jax sample` prints and the sweep tabulates."""
-    tokens, timing = timed_sample(exp, params, spec, template, seed, batch_size)
+                   judge: Judge | None, retokenize: bool,
+                   on_batch: BatchCallback | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Samples of one setting and their numbers: the JSON row `dlm-jax sample` prints and the sweep tabulates
+    (`steps` is None for a sampler without diffusion steps, e.g. AR); `on_batch` sees each batch as it finishes."""
+    tokens, timing = timed_sample(exp, params, spec, template, seed, batch_size, on_batch)
     generated = spec.num_samples * int((template < 0).sum())
-    row = {"sampler": spec.sampler, "steps": spec.steps, "nfe": timing["nfe"], "num_samples": spec.num_samples,
+    steps = spec.steps if exp.family.sampler(spec.sampler).uses_steps else None
+    row = {"sampler": spec.sampler, "steps": steps, "nfe": timing["nfe"], "num_samples": spec.num_samples,
            "length": spec.length, "batch_size": min(batch_size, spec.num_samples), "seconds": timing["seconds"],
            "tokens_per_second": generated / max(timing["seconds"], 1e-9),
            "entropy_bits": unigram_entropy_bits(tokens)}
@@ -62,7 +65,8 @@ def _plot(rows: list[dict], path: str, metric: str) -> None:
         mine = sorted((r for r in rows if r["sampler"] == sampler), key=lambda r: r["seconds"])
         ax.plot([r["seconds"] for r in mine], [r[metric] for r in mine], marker="o", label=sampler)
         for r in mine:
-            ax.annotate(f"T={r['steps']}", (r["seconds"], r[metric]), fontsize=7)
+            if r["steps"] is not None:  # AR rows have no diffusion steps
+                ax.annotate(f"T={r['steps']}", (r["seconds"], r[metric]), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("wall seconds (sampling, compile excluded)")
     ax.set_ylabel("Gen PPL (judge)" if metric == "gen_ppl" else "unigram entropy (bits)")

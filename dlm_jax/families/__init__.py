@@ -12,7 +12,16 @@ A new family is one module that subclasses `base.Family` and registers itself (d
 
 from dlm_jax.families import ar, block, ccdd, cosmos, cosmos_ae, edlm, mdlm  # noqa: F401 -- importing a family module registers it
 from dlm_jax.families.base import Component, Family, Sampler
-from dlm_jax.families.registry import FAMILIES, base_config, config_from_json, get, load_config_file, register, validate
+from dlm_jax.families.registry import (
+    FAMILIES,
+    base_config,
+    config_from_json,
+    get,
+    load_config_file,
+    register,
+    sampler_names,
+    validate,
+)
 
 __all__ = ["FAMILIES", "Component", "Family", "Sampler", "base_config", "config_from_json", "get",
-           "load_config_file", "register", "validate"]
+           "load_config_file", "register", "sampler_names", "validate"]

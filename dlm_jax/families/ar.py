@@ -41,8 +41,9 @@ class AR(TransformerFamily):
     metric_name: ClassVar[str] = "nll"
     mask_mode: ClassVar[str] = "causal"
     samplers: ClassVar[dict[str, Sampler]] = {
-        "ar": Sampler(_sample, check=_check, doc="KV cache: one prefill forward, then one token per forward"),
-        "ar_nocache": Sampler(_sample, check=_check, doc="the full causal forward at every step"),
+        "ar": Sampler(_sample, check=_check, doc="KV cache: one prefill forward, then one token per forward",
+                      uses_steps=False),
+        "ar_nocache": Sampler(_sample, check=_check, doc="the full causal forward at every step", uses_steps=False),
     }
 
     def loss_terms(self, params, batch, rng, train):

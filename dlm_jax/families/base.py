@@ -41,6 +41,7 @@ class Sampler:
     # (option, accepted families): options naming another workdir whose model the sampler runs (DiffuSpec's AR
     # verifier); experiment.load_sampler_components adds it as the family's component of that name
     components: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    uses_steps: bool = True  # whether `--steps` is its budget of diffusion steps (False: AR, one token per forward)
 
 
 @dataclasses.dataclass(frozen=True)

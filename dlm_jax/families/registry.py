@@ -30,6 +30,11 @@ def get(name: str) -> type[Family]:
     return FAMILIES[name]
 
 
+def sampler_names() -> list[str]:
+    """Every sampler name of the registered families, each once, in registration order (what --help lists)."""
+    return list(dict.fromkeys(name for cls in FAMILIES.values() for name in cls.samplers))
+
+
 def base_config() -> ml_collections.ConfigDict:
     """The full schema with defaults: the common keys, `config.<family>` for every family that has a section,
     and `config.components.<name>.workdir` for every frozen component a family can load."""

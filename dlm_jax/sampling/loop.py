@@ -12,7 +12,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from dlm_jax.config import cast, parse_literal
+from dlm_jax.config import cast, check_number, parse_literal
 from dlm_jax.errors import UserError
 
 Array = jax.Array
@@ -69,6 +69,7 @@ def make_options(sampler: str, options_cls: type, values: dict[str, str]) -> Any
             raise UserError(f"sampler {sampler!r} has no option {key!r}; its options: {known}")
         f = fields[key]
         value = cast(f"sampler.{key}", parse_literal(raw) if isinstance(raw, str) else raw, f.default)
+        check_number(f"--sampler.{key}", value)
         if f.metadata.get("choices") and value not in f.metadata["choices"]:
             raise UserError(f"--sampler.{key}={value!r} for {sampler}: choose one of "
                             f"{', '.join(map(str, f.metadata['choices']))}")

@@ -3,26 +3,64 @@
 Layout: WORKDIR/checkpoints/<step>/{state,data}. A checkpoint that fails to restore is never deleted:
 when an older one restores, the unreadable newer ones are renamed `<step>.corrupt` (orbax ignores them)
 and the user is told; when none restores, nothing is touched and a one-line error says so.
+
+Saves are asynchronous: a failed one (a full disk) surfaces at the latest at the next save, log step or the end,
+as a one-line error that stops training; orbax's own tracebacks of it are silenced (`_quiet_orbax_errors`).
 """
 
 from __future__ import annotations
 
+import errno
+import functools
+import logging
+import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dlm_jax import fileio
+from dlm_jax import errors, fileio
 from dlm_jax.errors import UserError
 
 
 def _short(e: Exception) -> str:
     text = f"{type(e).__name__}: {e}".replace("\n", " ")
     return text[:200] + ("..." if len(text) > 200 else "")
+
+
+def _cause(e: BaseException) -> tuple[str, int | None]:
+    """(`OSError: [Errno 28] No space left on device`, 28) for an OSError or an error text carrying an errno;
+    else (the short error text, None)."""
+    code = errors.os_errno(e)
+    return (f"OSError: [Errno {code}] {os.strerror(code)}", code) if code is not None else (_short(e), None)
+
+
+class _OrbaxErrors(logging.Filter):
+    """Drops orbax's error logs (with tracebacks, from its background threads): a failed save is reported once,
+    by `Checkpointer`, as a one-line error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+@functools.cache
+def _quiet_orbax_errors() -> None:
+    """Once per process: orbax's error logs off (absl logs to the python logger "absl"), and the 'Event loop is
+    closed' tracebacks tensorstore leaves (as unraisable exceptions) when a failed write closed orbax's loop."""
+    logging.getLogger("absl").addFilter(_OrbaxErrors())
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def has_checkpoint(workdir: str) -> bool:
@@ -32,9 +70,16 @@ def has_checkpoint(workdir: str) -> bool:
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, max_to_keep: int):
+    """The orbax CheckpointManager of WORKDIR/checkpoints. `on_saved(step)` is called once a save is known to be
+    committed (saves are asynchronous); a failed save raises a one-line UserError at the next save, `poll`, `wait`
+    or `close`."""
+
+    def __init__(self, workdir: str, max_to_keep: int, on_saved: Callable[[int], None] | None = None):
         self.directory = fileio.absolute(fileio.join(workdir, "checkpoints"))
         self._max_to_keep = max_to_keep
+        self._on_saved = on_saved
+        self._pending: int | None = None  # the step of the save in flight
+        _quiet_orbax_errors()
         self._open()
 
     def _open(self) -> None:
@@ -45,15 +90,48 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_state: dict) -> None:
+        """Starts saving `step` in the background, after the previous save finished (a failed one raises)."""
+        self._finish()
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
-        self.manager.save(step, args=args, force=True)
+        try:
+            self.manager.save(step, args=args, force=True)
+        except Exception as e:  # noqa: BLE001 -- any failure to write: one line, the good checkpoints stay
+            raise self._failed(step, e) from None
+        self._pending = step
+
+    def poll(self) -> None:
+        """Without waiting: reports a save that finished, raises for one that failed. Single process only: with
+        several, processes could see the end of a save at different steps and stop apart (they check at the next
+        save and at the end, which all processes reach together)."""
+        if self._pending is not None and jax.process_count() == 1 and not self.manager.is_saving_in_progress():
+            self._finish()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the save in flight (a failed one raises)."""
+        self._finish()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self._finish()
         self.manager.close()
+
+    def _finish(self) -> None:
+        step, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 -- whatever the background write raised
+            raise self._failed(step, e) from None
+        if step is not None and self._on_saved is not None:
+            self._on_saved(step)
+
+    def _failed(self, step: int | None, e: Exception) -> UserError:
+        """The one-line error of a failed save of `step`, naming the newest checkpoint that is still good."""
+        cause, code = _cause(e)
+        good = [s for s in self.steps() if s != step]
+        kept = (f"the last good checkpoint (step {good[-1]}) is kept in {self.directory}" if good
+                else f"no checkpoint was completed in {self.directory}")
+        fix = "free space" if code in (errno.ENOSPC, errno.EDQUOT) else "fix the storage"
+        rerun = "rerun to resume" if good else "rerun (training starts again from step 0)"
+        return UserError(f"checkpoint save at step {step} failed ({cause}); {kept}; {fix} and {rerun}")
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict, int] | None:
         """(state, data_state, step) from the newest readable checkpoint, or None when there is none."""

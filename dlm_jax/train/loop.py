@@ -28,7 +28,7 @@ from dlm_jax.experiment import (
     save_statistics,
     saved_config_path,
 )
-from dlm_jax.train import checkpoint, init_from, optim, sharding
+from dlm_jax.train import checkpoint, init_from, optim, sharding, workdir_lock
 from dlm_jax.train.metrics import MetricsWriter
 from dlm_jax.train.state import TrainState, create_train_state, eval_params
 
@@ -93,14 +93,31 @@ def _check_finite(history: list[tuple[int, dict]], checkpointer: checkpoint.Chec
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains (resuming from WORKDIR's latest checkpoint if any) and returns the last logged metrics."""
+    """Trains (resuming from WORKDIR's latest checkpoint if any) and returns the last logged metrics. Process 0
+    holds WORKDIR/train.lock meanwhile: a second trainer on the same workdir is refused before it writes anything."""
+    with workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0) as lock:
+        return _train(config, workdir, lock)
+
+
+def _progress_line(step: int, num_steps: int, metrics: dict[str, float]) -> str:
+    """`step 20/300: loss 3.2100, 1520 tok/s`: the log line printed instead of tqdm's bar when stderr is no
+    terminal (CI logs, Slurm, a subprocess)."""
+    speed = metrics.get("tokens_per_second")
+    return (f"step {step}/{num_steps}: loss {metrics['loss']:.4f}, "
+            + (f"{speed:.0f} tok/s" if speed is not None else "first step (compiled), not timed"))
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, lock: workdir_lock.WorkdirLock) -> dict[str, Any]:
+    """`train` under `lock` (taken here once the workdir exists, if it did not before)."""
     exp = build_experiment(config)
     check_workdir_matches(config, workdir)
     # train.init_from applies to a fresh start only (a checkpoint here already holds the adapted params)
     source = init_from.load(exp) if config.train.init_from and not checkpoint.has_checkpoint(workdir) else None
+    is_main = jax.process_index() == 0
     if not has_trainable_params(exp):  # e.g. EDLM with an AR energy: the workdir only records the components
         fileio.as_path(workdir).mkdir(parents=True, exist_ok=True)
-        if jax.process_index() == 0:
+        lock.acquire()
+        if is_main:
             fileio.write_text(saved_config_path(workdir), config_lib.to_json(config))
         names = ", ".join(f"{k}={v.workdir}" for k, v in exp.family.components.items())
         print(f"{config.model.family}: nothing to train (frozen components {names}); {workdir} is ready for "
@@ -115,11 +132,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     batch_sharding = sharding.batch_sharding(exp.mesh)
     evaluator = likelihood.Evaluator(exp, batch_sharding) if config.train.eval_every > 0 else None
     # inputs are good: only now write to the workdir
-    is_main = jax.process_index() == 0
     fileio.as_path(workdir).mkdir(parents=True, exist_ok=True)
+    lock.acquire()
     if is_main:
         fileio.write_text(saved_config_path(workdir), config_lib.to_json(config))
-    checkpointer = checkpoint.Checkpointer(workdir, config.train.max_checkpoints)
+    checkpointer = checkpoint.Checkpointer(
+        workdir, config.train.max_checkpoints,
+        on_saved=(lambda step: tqdm.tqdm.write(f"checkpoint saved at step {step}")) if is_main else None)
     writer = MetricsWriter(workdir, enabled=is_main)
 
     with sharding.mesh_context(exp.mesh):
@@ -132,8 +151,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         else:
             state, data_state, start = restored
             train_iter.set_state(data_state)
-            writer.drop_after(start)
             print(f"resumed from {checkpointer.directory}/{start}")
+        writer.drop_after(start)  # what a crashed run logged after its last checkpoint is logged again
         if restored is None:  # a fresh start: statistics of an earlier run in this workdir no longer apply
             stats = {}
             if exp.family.statistics_before_training is not None:
@@ -151,13 +170,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
               f"{tokens_per_step} tokens/step, steps {start} -> {config.train.num_steps}")
         history: list[tuple[int, dict]] = []  # device metrics since the last log (no host sync per step)
         last = {}
-        window_start, window_steps = time.perf_counter(), 0
-        bar = tqdm.tqdm(total=config.train.num_steps, initial=start, disable=not is_main, dynamic_ncols=True)
+        window_start, window_steps = time.perf_counter(), 0  # throughput window: starts after the compiled step
+        interactive = is_main and sys.stderr.isatty()  # tqdm's bar on a terminal, plain log lines elsewhere
+        bar = tqdm.tqdm(total=config.train.num_steps, initial=start, disable=not interactive, dynamic_ncols=True)
         preemption = checkpoint.PreemptionWatcher()
         for step in range(start + 1, config.train.num_steps + 1):
             state, metrics = train_step(state, sharding.global_batch(next(train_iter), batch_sharding), exp.frozen)
             history.append((step, metrics))
-            window_steps += 1
+            if step == start + 1:  # the first step compiles: throughput counts from its end
+                metrics["loss"].block_until_ready()
+                window_start = time.perf_counter()
+            else:
+                window_steps += 1
             if len(history) > 2:  # at most 2 steps in flight: the bar shows finished steps, no per-step host sync
                 history[-3][1]["loss"].block_until_ready()
             bar.update(1)
@@ -167,11 +191,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             if log_step:
                 history = jax.device_get(history)
                 _check_finite(history, checkpointer)
-                elapsed = time.perf_counter() - window_start
                 last = {k: float(v) for k, v in history[-1][1].items()}
-                last["tokens_per_second"] = window_steps * tokens_per_step / elapsed
+                postfix = {"loss": f"{last['loss']:.4f}"}
+                if window_steps:  # none yet when only the compiled step ran
+                    last["tokens_per_second"] = window_steps * tokens_per_step / (time.perf_counter() - window_start)
+                    postfix["tok_s"] = f"{last['tokens_per_second']:.0f}"
                 writer.write(step, last)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_second']:.0f}")
+                if interactive:
+                    bar.set_postfix(postfix)
+                elif is_main:
+                    bar.write(_progress_line(step, config.train.num_steps, last))
+                checkpointer.poll()
                 history, window_start, window_steps = [], time.perf_counter(), 0
             if evaluator is not None and (step % config.train.eval_every == 0 or final):
                 results = evaluator.run(eval_params(state, config.eval.use_ema), step, config.eval.num_batches)
