@@ -100,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None,
                    help="denoiser forwards T, the final argmax pass included (README: step convention; not AR)")
     p.add_argument("--output", default=None, help="JSONL file of the samples, written batch by batch (default: "
-                   "WORKDIR/samples/SAMPLER_TSTEPS_seedSEED.jsonl; a file of other settings is never replaced)")
+                   "WORKDIR/samples/SAMPLER_TSTEPS_seedSEED.jsonl, -1.jsonl ... if it holds other settings' samples; a "
+                   "named file holding them is refused)")
     _add_sampling_args(p)
     p = sub.add_parser("compile", help="lower + compile the train step for a mesh on fake CPU devices; memory",
                        **_help_end("compile"))
@@ -256,7 +257,10 @@ def cmd_sample(args, config) -> None:
     exp, params, step, spec, template, judge, batch_size = sampling_setup(args, config, args.sampler, steps, options)
     settings = sample_output.sample_settings(spec, exp.family.sampler(spec.sampler).uses_steps, args.prompt,
                                              args.infill, args.seed, step)
-    sample_output.check_existing(output, settings)  # before the compile
+    if args.output:  # before the compile: a file the user named is never replaced by samples of other settings
+        sample_output.check_existing(output, settings)
+    else:  # the default name goes to STEM-N.jsonl when it holds samples of other settings
+        output = sample_output.free_default_path(output, settings)
     writer = sample_output.SampleWriter(output, settings, exp.tokenizer, int((template < 0).sum()))
     _, row = generation_row(exp, params, spec, template, args.seed, batch_size, judge, args.retokenize, writer)
     print(json.dumps({**row, "family": exp.family.name, "checkpoint_step": step, "output": output}))

@@ -110,7 +110,7 @@ def test_shifted_input_length_runs_on_the_pallas_kernels():
 
 def test_config_checks():
     base = families.base_config()
-    with pytest.raises(UserError, match="mdlm.anneal_steps must be >= 0"):
+    with pytest.raises(UserError, match="'mdlm.anneal_steps' must be >= 0"):
         families.validate(config_lib.apply_overrides(base, ["--config.mdlm.anneal_steps=-1"]))
     with pytest.raises(UserError, match="attention_impl auto or xla only"):
         families.validate(config_lib.apply_overrides(base, ["--config.mdlm.anneal_steps=5",

@@ -112,6 +112,17 @@ def test_a_file_of_other_settings_is_refused_and_a_rerun_replaces_it(workdirs, t
     assert len(_rows(output)) == 1
 
 
+def test_the_default_path_moves_on_instead_of_overwriting_other_settings(tmp_path):
+    settings = {"sampler": "ancestral", "seed": 0, "checkpoint_step": 4}
+    base = tmp_path / "ancestral_T4_seed0.jsonl"
+    assert sample_output.free_default_path(str(base), settings) == str(base)  # missing: itself
+    base.write_text(json.dumps({**settings, "text": "a"}) + "\n")
+    assert sample_output.free_default_path(str(base), settings) == str(base)  # same settings: replaced
+    (tmp_path / "ancestral_T4_seed0-1.jsonl").write_text(json.dumps({**settings, "seed": 9}) + "\n")
+    other = {**settings, "seed": 1}
+    assert sample_output.free_default_path(str(base), other) == str(tmp_path / "ancestral_T4_seed0-2.jsonl")
+
+
 def test_an_unreadable_existing_file_counts_as_other_settings(tmp_path):
     settings = {"prompt": None, "sampler": "ar", "seed": 0}
     path = tmp_path / "s.jsonl"
@@ -120,7 +131,7 @@ def test_an_unreadable_existing_file_counts_as_other_settings(tmp_path):
     sample_output.check_existing(str(path), settings)  # empty: nothing to lose
     for text in ("not json\n", "[1, 2]\n", b"\xff\xfe\x00garbage"):
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
-        with pytest.raises(UserError, match="is not a samples file of `dlm-jax sample`"):
+        with pytest.raises(UserError, match="its first line is not a JSON row of `dlm-jax sample`"):
             sample_output.check_existing(str(path), settings)
     path.write_text(json.dumps({"text": "old rows had no settings"}) + "\n")
     with pytest.raises(UserError, match=r"\(prompt: '\(not recorded\)' there, None now\)"):

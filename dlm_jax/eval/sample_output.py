@@ -51,30 +51,47 @@ def sample_settings(spec: SampleSpec, uses_steps: bool, prompt: str | None, infi
     return json.loads(json.dumps({k: v for k, v in values.items() if uses_steps or k != "steps"}))
 
 
-def check_existing(path: str, settings: dict[str, Any]) -> None:
-    """Refuses (one line naming the first differing setting) to replace an existing samples file whose first row
-    was made with other settings; an unreadable file counts as other settings, a missing or empty one is fine."""
+def other_settings(path: str, settings: dict[str, Any]) -> str | None:
+    """How an existing samples file differs from `settings` (`seed: 0 there, 1 now`, or that it is no samples
+    file), or None when it may be replaced: it is missing, empty, or made with the same settings."""
     target = fileio.as_path(path)
     if not target.exists():
-        return
+        return None
     try:
         with target.open("r") as f:
             first = f.readline()
         if not first.strip():
-            return  # empty: no samples to lose
+            return None  # empty: no samples to lose
         row = json.loads(first)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         row = None
-    hint = "pass a new --output=FILE, or delete the file to replace it"
     if not isinstance(row, dict):
-        raise UserError(f"{path} exists and is not a samples file of `dlm-jax sample` (its first line is not a JSON "
-                        f"row); {hint}")
+        return "its first line is not a JSON row of `dlm-jax sample`"
     missing = "(not recorded)"
     for key in SETTINGS:
         there, now = row.get(key, missing), settings.get(key, missing)
         if there != now:
-            raise UserError(f"{path} holds samples made with other settings ({key}: {there!r} there, {now!r} now); "
-                            f"{hint}")
+            return f"{key}: {there!r} there, {now!r} now"
+    return None
+
+
+def check_existing(path: str, settings: dict[str, Any]) -> None:
+    """Refuses (one line naming the first differing setting) to replace an existing samples file made with other
+    settings; an unreadable file counts as other settings, a missing or empty one is fine."""
+    differs = other_settings(path, settings)
+    if differs is not None:
+        raise UserError(f"{path} holds samples made with other settings ({differs}); pass a new --output=FILE, or "
+                        "delete the file to replace it")
+
+
+def free_default_path(path: str, settings: dict[str, Any]) -> str:
+    """The default samples file `path`, or when it holds samples of other settings the first free `STEM-N.jsonl`
+    beside it (so a default path never overwrites other samples and never refuses)."""
+    stem, ext = os.path.splitext(path)
+    candidate, n = path, 1
+    while other_settings(candidate, settings) is not None:
+        candidate, n = f"{stem}-{n}{ext}", n + 1
+    return candidate
 
 
 class SampleWriter:
