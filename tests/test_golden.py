@@ -76,7 +76,8 @@ def test_training_metrics_and_every_sampler_are_unchanged(tmp_path, family):
     with open(FIXTURE) as f:
         golden = json.load(f)
     metrics, samples = run(family, str(tmp_path))
-    assert metrics == golden["metrics"][family]
+    # float32 reductions may round differently by one ulp on another CPU (XLA's codegen differs per ISA)
+    assert metrics == [pytest.approx(m, rel=1e-6) for m in golden["metrics"][family]]
     assert len(samples) == {"mdlm": 33, "block": 12, "ar": 4}[family]
     for key, got in samples.items():
         assert got == golden["samples"][key], key
