@@ -17,7 +17,6 @@ import jax
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from dlm_jax import config as config_lib
@@ -191,11 +190,10 @@ def _restore_step(checkpointer: checkpoint.Checkpointer, abstract_state: TrainSt
     if step not in steps:
         raise UserError(f"--checkpoint_step={step}: no checkpoint of step {step} in {checkpointer.directory}; "
                         f"its steps: {', '.join(map(str, steps))}")
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
     try:
-        restored = checkpointer.manager.restore(step, args=args)
+        restored = checkpointer.restore(step, abstract_state)
     except Exception as e:  # noqa: BLE001 -- any unreadable checkpoint is reported the same way
-        why = f"{type(e).__name__}: {e}".replace("\n", " ")[:200]
+        why = checkpoint.short_error(e)
         raise UserError(f"--checkpoint_step={step}: the checkpoint in {checkpointer.directory} does not restore "
                         f"({why}); choose another of its steps: {', '.join(map(str, steps))}") from None
     return restored["state"], restored["data"], step

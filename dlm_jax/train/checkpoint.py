@@ -28,7 +28,7 @@ from dlm_jax import errors, fileio
 from dlm_jax.errors import UserError
 
 
-def _short(e: Exception) -> str:
+def short_error(e: BaseException) -> str:
     text = f"{type(e).__name__}: {e}".replace("\n", " ")
     return text[:200] + ("..." if len(text) > 200 else "")
 
@@ -37,7 +37,7 @@ def _cause(e: BaseException) -> tuple[str, int | None]:
     """(`OSError: [Errno 28] No space left on device`, 28) for an OSError or an error text carrying an errno;
     else (the short error text, None)."""
     code = errors.os_errno(e)
-    return (f"OSError: [Errno {code}] {os.strerror(code)}", code) if code is not None else (_short(e), None)
+    return (f"OSError: [Errno {code}] {os.strerror(code)}", code) if code is not None else (short_error(e), None)
 
 
 class _OrbaxErrors(logging.Filter):
@@ -133,15 +133,19 @@ class Checkpointer:
         rerun = "rerun to resume" if good else "rerun (training starts again from step 0)"
         return UserError(f"checkpoint save at step {step} failed ({cause}); {kept}; {fix} and {rerun}")
 
+    def restore(self, step: int, abstract_state: Any) -> dict:
+        """{'state', 'data'} of checkpoint `step` (raises what orbax raises for an unreadable one)."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+        return self.manager.restore(step, args=args)
+
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict, int] | None:
         """(state, data_state, step) from the newest readable checkpoint, or None when there is none."""
         failures: list[tuple[int, str]] = []
         for step in reversed(self.steps()):
             try:
-                args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
-                restored = self.manager.restore(step, args=args)
+                restored = self.restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 -- any unreadable checkpoint is handled the same way
-                failures.append((step, _short(e)))
+                failures.append((step, short_error(e)))
                 continue
             if failures:
                 self._set_aside([s for s, _ in failures])
