@@ -38,7 +38,7 @@ RULE_GRID = (
     ("threshold", {"min_confidence": 0.5}),
     ("factor", {"factor": 1.0}), ("factor", {"factor": 2.0}),
     ("prophet", {"gap": 7.5}), ("sched", {"gap": 7.5, "gap_end": 2.5}),
-    ("ccd", {"stable_steps": 2}), ("rcr", {}),
+    ("ccd", {"stable_steps": 2}), ("rcr", {}), ("saber", {}),
 )
 
 
@@ -49,7 +49,8 @@ def settings(args: argparse.Namespace, workdirs: dict[str, str]) -> list[tuple[s
         rows += [(model, "freedave", {"draft_size": 4}), (model, "diffuspec", {"verifier": workdirs["ar"]})]
     rows += [("mdlm", "semi_ar", {"inner": inner, "block_length": 16, **opts})
              for inner, opts in RULE_GRID[:2] + RULE_GRID[4:5]]
-    rows += [("mdlm", "dual_cache", {"inner": "threshold", "block_length": 16, "min_confidence": 0.9})]
+    rows += [("mdlm", cache, {"inner": "threshold", "block_length": 16, "min_confidence": 0.9})
+             for cache in ("dual_cache", "dkv_cache")]
     return [r for r in rows if r[0] == "ar" or r[0] in args.models.split(",")]  # AR: the reference point
 
 

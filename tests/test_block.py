@@ -13,6 +13,8 @@ from dlm_jax import families
 from dlm_jax.diffusion import block, masked
 from dlm_jax.diffusion.schedules import MaskSchedule
 from dlm_jax.errors import UserError
+from dlm_jax.sampling import block as block_sampling
+from dlm_jax.sampling import masked as masked_sampling
 from dlm_jax.sampling.loop import SampleSpec
 from tests.helpers import StubTokenizer
 
@@ -114,7 +116,7 @@ def _sample(fam, params, sampler, template, steps, seed=0, **options):
     return np.asarray(tokens), int(stats["nfe"])
 
 
-@pytest.mark.parametrize("inner", ["ancestral", "topk_confidence", "cached", "threshold", "rcr"])
+@pytest.mark.parametrize("inner", ["ancestral", "topk_confidence", "cached", "threshold", "rcr", "saber"])
 def test_kv_cached_block_decoding_equals_decoding_without_the_cache(inner):
     _, fam, _, params = _model("block", block_size=4)
     template = np.array([3, 1, 4, 1, 5] + [-1] * 11, np.int32)
@@ -129,16 +131,64 @@ def test_kv_cached_block_decoding_equals_decoding_without_the_cache(inner):
 def test_fast_dllm_caches_fill_blocks_and_reduce_to_the_exact_sampler_with_one_block():
     _, fam, _, params = _model("mdlm", block_size=1)
     template = np.array([2, 7] + [-1] * 14, np.int32)
-    for sampler in ("prefix_cache", "dual_cache"):
+    for sampler in ("prefix_cache", "dual_cache", "dkv_cache"):
         tokens, _ = _sample(fam, params, sampler, template, 16, block_length=4)
         assert not (tokens == MASK).any() and (tokens[:, :2] == [2, 7]).all()
     # one block: no prefix, no suffix, nothing stale -> exactly semi_ar with one block, in as many forwards (the
     # refresh forward is the first step)
     exact, nfe_exact = _sample(fam, params, "semi_ar", template, 8, block_length=16)
-    for sampler in ("prefix_cache", "dual_cache"):
+    for sampler in ("prefix_cache", "dual_cache", "dkv_cache"):
         tokens, nfe = _sample(fam, params, sampler, template, 8, block_length=16)
         np.testing.assert_array_equal(tokens, exact)
         assert nfe == nfe_exact
+
+
+def test_dkv_cache_refreshing_every_block_is_the_prefix_cache_and_its_delayed_forward_starts_a_block_early():
+    _, fam, _, params = _model("mdlm", block_size=1)
+    template = np.array([2, 7] + [-1] * 14, np.int32)
+    # refresh every block; two blocks (block 1's delayed forward runs from position 0: a full refresh)
+    for block_length, refresh_every in ((4, 1), (8, 0)):
+        prefix, nfe_prefix = _sample(fam, params, "prefix_cache", template, 16, block_length=block_length)
+        tokens, nfe = _sample(fam, params, "dkv_cache", template, 16, block_length=block_length,
+                              refresh_every=refresh_every)
+        np.testing.assert_array_equal(tokens, prefix)
+        assert nfe == nfe_prefix
+
+
+TOY_MASK = 6
+
+
+def _mask_counting_decode(z, t, cache, index, valid=None):
+    """A toy cached model that shows staleness: each forward writes, as the K/V of its positions, how many [MASK]s
+    it saw, and predicts (sum of the cached entries before its queries) mod 6 at every query."""
+    del t, valid
+    n, length = z.shape
+    seen = jnp.broadcast_to((z == TOY_MASK).sum(-1, keepdims=True), (n, length)).astype(jnp.float32)
+    written = jax.lax.dynamic_update_slice(cache, seen, (0, index))
+    read = jnp.where(jnp.arange(cache.shape[1]) < index, cache, 0.0).sum(-1).astype(jnp.int32)  # [N]
+    logits = 10.0 * jax.nn.one_hot(read % 6, TOY_MASK + 1)[:, None, :]
+    return jnp.broadcast_to(logits, (n, length, TOY_MASK + 1)), written
+
+
+@pytest.mark.parametrize("refresh_every,expected", [(0, [0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0]),
+                                                    (1, [0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 0, 0, 0, 0])])
+def test_dkv_cache_reads_a_finished_block_from_the_next_blocks_first_forward(refresh_every, expected):
+    """Blocks of 4 over 16 [MASK]s, one commit per forward (the first from the block's first forward). No refresh:
+    block 1's first forward (queries from 0, 12 [MASK]s seen) caches block 0, block 2's (from 4, 8 seen) block 1,
+    block 3's (from 8, 4 seen) block 2: block 2 starts on 4 x 12 = 48 -> 0, then reads 48 + 4 x 8 = 80 -> 2; block 3
+    starts on 80 -> 2, then 96 -> 0. Refreshed every block (= prefix_cache): each block starts on a full forward
+    (nothing before position 0: 0), then block 2 reads 8 x 8 = 64 -> 4, block 3 12 x 4 = 48 -> 0."""
+    options = block_sampling.DelayedCacheOptions(block_length=4, inner="topk_confidence", refresh_every=refresh_every)
+    spec = SampleSpec("dkv_cache", 1, 16, steps=16, temperature=0.0, options=options)
+    ms = masked_sampling.MaskedSampling(spec, TOY_MASK, MaskSchedule("linear"), 1e-3)
+    run = jax.jit(lambda rng, mode: block_sampling.approx_cache_sample(
+        _mask_counting_decode, lambda n: jnp.zeros((1, n)), rng, jnp.full((16,), TOY_MASK), spec, ms, 4, mode),
+        static_argnums=1)
+    tokens, stats = run(jax.random.PRNGKey(0), "dkv")
+    np.testing.assert_array_equal(tokens, [expected])
+    assert int(stats["nfe"]) == 16
+    if refresh_every == 1:
+        np.testing.assert_array_equal(run(jax.random.PRNGKey(0), "prefix")[0], tokens)
 
 
 @pytest.mark.parametrize("inner", ["ancestral", "cached", "topk_confidence", "first_hitting", "factor"])
@@ -149,7 +199,7 @@ def test_fast_dllm_refresh_forward_is_the_first_step(inner):
     template = np.full(16, -1, np.int32)
     _, nfe_exact = _sample(fam, params, "semi_ar", template, 16, block_length=4, inner="topk_confidence")
     assert nfe_exact == 16
-    for sampler in ("prefix_cache", "dual_cache"):
+    for sampler in ("prefix_cache", "dual_cache", "dkv_cache"):
         tokens, nfe = _sample(fam, params, sampler, template, 16, block_length=4, inner=inner)
         assert not (tokens == MASK).any()
         if inner == "factor":  # a parallel rule: at most the schedule's forwards, often fewer
@@ -273,8 +323,6 @@ def test_block_family_trains_with_resample():
 
 
 def test_window_entropy_and_stop_lengths():
-    from dlm_jax.sampling import block as block_sampling
-
     tokens = jnp.asarray([[1, 1, 1, 1], [1, 2, 3, 4], [1, 1, 2, 2]], jnp.int32)
     np.testing.assert_allclose(block_sampling.window_entropy(tokens, jnp.int32(4), 4), [0.0, np.log(4), np.log(2)],
                                atol=1e-6)

@@ -1,6 +1,7 @@
 """Parallel decoding rules (sampling/parallel.py): the commit rules on hand-made confidences, and every rule as
 the inner rule of semi_ar: known tokens fixed, no [MASK] left, >= 1 commit per forward, the one-token-per-step
-decoder when its threshold accepts only the top-1, fewer forwards on a confident model, RCR's re-masking."""
+decoder when its threshold accepts only the top-1, fewer forwards on a confident model, RCR's and Saber's
+re-masking."""
 
 import jax
 import jax.numpy as jnp
@@ -8,12 +9,13 @@ import numpy as np
 import pytest
 
 from dlm_jax.diffusion.schedules import MaskSchedule
+from dlm_jax.errors import UserError
 from dlm_jax.sampling import masked, parallel
 from dlm_jax.sampling.loop import SampleSpec
 
 V, MASK = 6, 6
 W = 2.0 * jax.random.normal(jax.random.PRNGKey(7), (V + 1, V + 1))
-RULES = ("threshold", "factor", "prophet", "sched", "ccd", "rcr")
+RULES = ("threshold", "factor", "prophet", "sched", "ccd", "saber", "rcr")
 # settings under which each rule commits nothing beyond its floor (the top-1 per step)
 TOP1_ONLY = {"threshold": {"min_confidence": 1.1}, "factor": {"factor": 0.0}, "prophet": {"gap": float("inf")},
              "sched": {"gap": float("inf"), "gap_end": float("inf")}, "ccd": {"stable_steps": 10**6}}
@@ -69,7 +71,7 @@ def test_rules_keep_known_tokens_and_leave_no_mask(inner):
     assert 1 <= nfe <= 16
 
 
-@pytest.mark.parametrize("inner", RULES[:-1])
+@pytest.mark.parametrize("inner", RULES[:-1])  # net: Saber re-masks fewer than it commits
 def test_every_forward_commits_at_least_one_token(inner):
     seen = []
 
@@ -121,3 +123,44 @@ def test_rcr_remasks_a_committed_token_pushed_out_of_the_budget():
     assert nfe == 4 and not (tokens == MASK).any()
     assert seen[1][0] == 1 and (seen[1][1:] == MASK).all()  # after step 0: position 0 committed
     assert seen[2][0] == MASK and (seen[2] != MASK).sum() == 2  # after step 1: re-masked, two others in its place
+
+
+def test_backtrack_remask_takes_the_largest_drops_above_the_minimum():
+    drop = jnp.array([[0.5, -jnp.inf, 0.9, 0.2, 0.7], [0.5, 0.6, 0.1, 0.0, 0.0]])
+    np.testing.assert_array_equal(parallel.backtrack_remask(drop, jnp.array([2, 3]), 0.3),
+                                  [[False, False, True, False, True], [True, True, False, False, False]])
+    assert not parallel.backtrack_remask(drop, jnp.array([0, 0]), 0.3).any()
+
+
+def test_saber_remasks_a_token_the_model_turned_against_and_commits_above_the_mean():
+    """All masked: position 0 alone is (weakly, p = 0.6) confident and commits. Next forward: every position is
+    sure of token 4, so position 0's token 1 fell from 0.6 to ~0 and is re-masked, while all three [MASK]s pass
+    the mean commit confidence (0.6) and commit at once; one more forward fills position 0."""
+    seen = []
+
+    def model(z, t):
+        del t
+        jax.debug.callback(lambda row: seen.append(np.asarray(row)), z[0])
+        all_masked = jnp.all(z == MASK, axis=-1, keepdims=True)[..., None]  # [N, 1, 1]
+        first = jnp.zeros(z.shape + (V + 1,)).at[:, 0, 1].set(2.0)
+        sure = jnp.broadcast_to(20.0 * jax.nn.one_hot(4, V + 1), z.shape + (V + 1,))
+        return jnp.where(all_masked, first, sure)
+
+    tokens, nfe = _sample("saber", jnp.full((4,), MASK), steps=4, n=1, fn=model, temperature=0.0, block_length=4)
+    jax.effects_barrier()
+    np.testing.assert_array_equal(seen[1], [1, MASK, MASK, MASK])
+    np.testing.assert_array_equal(seen[2], [MASK, 4, 4, 4])
+    assert nfe == 3 and (tokens == 4).all()
+    # min_drop above any fall: no backtracking, position 0 keeps its token
+    seen.clear()
+    tokens, nfe = _sample("saber", jnp.full((4,), MASK), steps=4, n=1, fn=model, temperature=0.0, block_length=4,
+                          min_drop=1.0)
+    np.testing.assert_array_equal(tokens, [[1, 4, 4, 4]])
+    assert nfe == 2
+
+
+@pytest.mark.parametrize("option", [{"remask": -1}, {"stable_steps": 0}, {"min_drop": -0.5}])
+def test_knobs_below_their_range_are_one_line_errors(option):
+    spec = SampleSpec("semi_ar", 1, 8, steps=8, options=masked.SemiAROptions(inner="saber", **option))
+    with pytest.raises(UserError, match=f"--sampler.{next(iter(option))}=.* must be >="):
+        masked.check_spec(spec, time_conditioned=False)

@@ -23,7 +23,7 @@ Array = jax.Array
 
 def _check(family: Block, spec: SampleSpec, template: Any) -> None:
     del template
-    masked_sampling.check_runner(spec.options.inner, time_conditioned=False)
+    masked_sampling.check_runner(spec, time_conditioned=False)
     masked_sampling.check_blocks(spec.sampler, spec.length, family.block_size(), spec.steps, "block size")
     if spec.sampler == "block" and spec.options.window:
         raise UserError("--sampler.window re-positions the context for every block, which the exact KV cache of "

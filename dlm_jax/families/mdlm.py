@@ -90,7 +90,9 @@ def _check_fast_dllm(family: MDLM, spec: SampleSpec, template: Any) -> None:
     if family.model.cfg.time_conditioning:
         raise UserError(f"{spec.sampler} reuses K/V computed at the block's start time for every later step: it "
                         "needs a model trained with model.time_conditioning=False; use --sampler=semi_ar")
-    masked_sampling.check_runner(spec.options.inner, family.model.cfg.time_conditioning)
+    masked_sampling.check_runner(spec, family.model.cfg.time_conditioning)
+    if spec.option("refresh_every", 0) < 0:
+        raise UserError(f"--sampler.refresh_every={spec.options.refresh_every} must be >= 0 (0: never refresh)")
     masked_sampling.check_blocks(spec.sampler, spec.length, masked_sampling.semi_ar_block_length(spec), spec.steps)
     masked_sampling.check_window(spec, masked_sampling.semi_ar_block_length(spec), family.config.data.seq_len)
 
@@ -107,19 +109,19 @@ def _sample_rule(family: MDLM, params, rng: Array, spec: SampleSpec, template: A
 
 
 def _sample_fast_dllm(family: MDLM, params, rng: Array, spec: SampleSpec, template: Any):
-    """prefix_cache / dual_cache: Fast-dLLM's approximate KV caches (sampling/block.py)."""
+    """prefix_cache / dual_cache: Fast-dLLM's approximate KV caches; dkv_cache: dKV-Cache's (sampling/block.py)."""
     return block_sampling.approx_cache_sample(
         family.decode_fn(params), lambda n: family.empty_cache(spec.num_samples, n), rng,
         family.masked_template(template), spec, family.masked_sampling(spec),
-        masked_sampling.semi_ar_block_length(spec), dual=spec.sampler == "dual_cache")
+        masked_sampling.semi_ar_block_length(spec), mode=spec.sampler.removesuffix("_cache"))
 
 
 def _rule(doc: str, options: type = NoOptions) -> Sampler:
     return Sampler(_sample_rule, options, _check_rule, doc)
 
 
-def _fast_dllm(doc: str) -> Sampler:
-    return Sampler(_sample_fast_dllm, masked_sampling.SemiAROptions, _check_fast_dllm, doc)
+def _fast_dllm(doc: str, options: type = masked_sampling.SemiAROptions) -> Sampler:
+    return Sampler(_sample_fast_dllm, options, _check_fast_dllm, doc)
 
 
 def _check_freedave(family: MaskedFamily, spec: SampleSpec, template: Any) -> None:
@@ -187,6 +189,8 @@ class MDLM(MaskedFamily):
                          masked_sampling.SlidingSemiAROptions),
         "prefix_cache": _fast_dllm("Fast-dLLM prefix cache: semi-AR blocks against a cached prefix"),
         "dual_cache": _fast_dllm("Fast-dLLM dual cache: the block against cached prefix and (stale) suffix"),
+        "dkv_cache": _fast_dllm("dKV-Cache: semi-AR blocks, a block's K/V cached from the forward after it is done, "
+                                "refreshed every --sampler.refresh_every blocks", block_sampling.DelayedCacheOptions),
         **speculative_samplers(speculative.SemiARFreeDaveOptions),
     }
 

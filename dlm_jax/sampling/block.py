@@ -9,6 +9,10 @@
                  recomputed against the cached prefix
   dual_cache     Fast-dLLM dual cache: only the block is recomputed, against the cached prefix and the cached
                  (stale until the next block) suffix; the refresh forward is the first step here too
+  dkv_cache      dKV-Cache-Decode (Ma et al. 2025), per block: a token's K/V is cached from the first forward that
+                 sees its block decoded (the next block's first step, whose queries start one block early) and
+                 reused until a full refresh every `refresh_every` blocks; [MASK]s are never cached. Cheaper than
+                 prefix_cache (no full forward per block), staler (refresh_every=1 is prefix_cache exactly)
 The outer loop is a `lax.scan` over blocks for the exact cache (a `lax.while_loop` when a stop rule is on: it
 ends once every sample stopped); the approximate caches change their query shapes per block, so their blocks are
 unrolled at trace time (one compiled program, a `lax.scan` per block).
@@ -32,6 +36,7 @@ import jax.numpy as jnp
 from dlm_jax.sampling.loop import SamplerState, SampleSpec, init_state, option
 from dlm_jax.sampling.masked import (
     MaskedSampling,
+    SemiAROptions,
     initial_cache,
     inner_option,
     inner_rule,
@@ -62,6 +67,17 @@ class BlockFields:
 @dataclasses.dataclass(frozen=True)
 class BlockOptions(ParallelOptions, BlockFields):
     """The block samplers' own options, then the parallel rules' (the later base's fields come first)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DelayedCacheFields:
+    refresh_every: int = option(0, "a full forward refreshes every cached K/V once per this many blocks (0: never "
+                                   "after the first; 1: Fast-dLLM's prefix cache)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DelayedCacheOptions(SemiAROptions, DelayedCacheFields):
+    """dkv_cache: its own option, then semi_ar's and the parallel rules'."""
 
 
 def window_entropy(tokens: Array, end: Array, window: int) -> Array:
@@ -167,36 +183,42 @@ def block_sample(decode_fn: DecodeFn | None, full_fn: FullFn | None, kv_cache: A
 
 def approx_cache_sample(decode_fn: DecodeFn, init_cache: Callable[[int], Any], rng: Array, template: Array,
                         spec: SampleSpec, ms: MaskedSampling, block_size: int,
-                        dual: bool) -> tuple[Array, dict[str, Array]]:
-    """Fast-dLLM prefix / dual cache over a full-attention MDLM (approximate: the cache is refreshed once per
-    block, so predictions read K/V that are up to one block stale)."""
+                        mode: str) -> tuple[Array, dict[str, Array]]:
+    """Fast-dLLM prefix / dual cache, or dKV-Cache's delayed cache (mode "prefix", "dual", "dkv"), over a
+    full-attention MDLM (approximate: predictions read K/V computed before the tokens around them were final)."""
     n, length = spec.num_samples, template.shape[0]
     num_blocks = length // block_size
     steps = max(1, spec.steps // num_blocks)
+    refresh_every = spec.option("refresh_every", 0) if mode == "dkv" else 1
     state = init_state(jnp.broadcast_to(template.astype(jnp.int32), (n, length)), rng)
+    cache = None
     for b in range(num_blocks):  # trace-time unroll: query shapes differ per block
         start, end = b * block_size, (b + 1) * block_size
-        # refresh: one full forward fills the whole cache; its logits are also the block's first step
-        refreshed, cache = decode_fn(state.tokens, jnp.ones((n,)), init_cache(length), 0)
+        window_end = end if mode == "dual" else length
+        if b == 0 or (refresh_every and b % refresh_every == 0):
+            # refresh: one full forward fills the whole cache; its logits are also the block's first step
+            out, cache = decode_fn(state.tokens, jnp.ones((n,)), init_cache(length), 0)
+            primed = out[:, start:window_end]
+        else:  # delayed: the finished block's K/V, written by the first forward that sees it decoded (this one)
+            out, cache = decode_fn(state.tokens[:, start - block_size:], jnp.ones((n,)), cache,
+                                   jnp.asarray(start - block_size, jnp.int32))
+            primed = out[:, block_size:]
         state = state.replace(nfe=state.nfe + 1)
-        if dual:  # keys: cached prefix + cached (stale) suffix, plus the block itself
+        if mode == "dual":  # keys: cached prefix + cached (stale) suffix, plus the block itself
             others = jax.tree.map(lambda c, s=start, e=end: jnp.concatenate([c[:, :, :s], c[:, :, e:]], axis=2), cache)
 
             def logits_fn(z: Array, t: Array, others=others, start=start) -> Array:
                 return decode_fn(z, t, others, jnp.asarray(start, jnp.int32), valid=length - block_size)[0]
-            window_end = end
         else:  # queries: the block and the whole suffix, against the cached prefix
 
             def logits_fn(z: Array, t: Array, cache=cache, start=start) -> Array:
                 return decode_fn(z, t, cache, jnp.asarray(start, jnp.int32))[0]
-            window_end = length
         window = state.tokens[:, start:window_end]
         active = jnp.broadcast_to(jnp.arange(window_end - start) < block_size, window.shape)
         rule = inner_rule(ms.spec)
         inner = init_state(window, state.rng, initial_cache(rule, n, window.shape[1], ms.mask_id + 1))
         inner = inner.replace(step=state.step, nfe=state.nfe)
-        inner = ms.runner(rule)(logits_fn, inner, active, reverse_steps(rule, steps),
-                                  primed=refreshed[:, start:window_end])
+        inner = ms.runner(rule)(logits_fn, inner, active, reverse_steps(rule, steps), primed=primed)
         inner = ms.final_argmax(logits_fn, inner, active)
         done = jnp.where(active, inner.tokens, window)
         state = state.replace(tokens=state.tokens.at[:, start:window_end].set(done), rng=inner.rng, step=inner.step,

@@ -41,7 +41,7 @@ class EDLMOptions:
 def check(spec: SampleSpec, time_conditioned: bool, seq_len: int) -> None:
     """One-line errors for options the edlm sampler cannot run with."""
     o = spec.options
-    masked_sampling.check_runner(o.inner, time_conditioned)
+    masked_sampling.check_runner(spec, time_conditioned)
     if o.k < 1 or o.tau <= 0 or not 0.0 <= o.window <= 1.0:
         raise UserError(f"edlm needs --sampler.k >= 1, --sampler.tau > 0 and --sampler.window in [0, 1]; got k={o.k}, "
                         f"tau={o.tau}, window={o.window}")

@@ -48,6 +48,7 @@ from dlm_jax.sampling.parallel import (
     REMASKING_RULES,
     ParallelDecoding,
     ParallelOptions,
+    check_parallel_options,
     draw_confidence,
     topk_commit,
 )
@@ -295,8 +296,11 @@ class MaskedSampling(ParallelDecoding):
         return state
 
 
-def check_runner(name: str, time_conditioned: bool) -> None:
-    """One-line errors for a masked rule that cannot run (unknown, or `cached` on a time-conditioned model)."""
+def check_runner(spec: SampleSpec, time_conditioned: bool) -> None:
+    """One-line errors for the masked rule a spec runs if it cannot (unknown, `cached` on a time-conditioned model,
+    a parallel rule's knob out of range)."""
+    name = inner_rule(spec)
+    check_parallel_options(spec)
     if name not in RUNNERS:
         raise UserError(f"unknown masked-diffusion rule {name!r}; choose one of {', '.join(RUNNERS)}")
     if name == "cached" and time_conditioned:
@@ -320,7 +324,7 @@ def check_blocks(sampler: str, length: int, block: int, steps: int, what: str = 
 def check_spec(spec: SampleSpec, time_conditioned: bool, seq_len: int | None = None) -> None:
     """One-line errors for settings a masked sampler (a rule, or semi_ar around one) cannot run with; with the
     model's `seq_len`, also its length and context window (`check_window`)."""
-    check_runner(inner_rule(spec), time_conditioned)
+    check_runner(spec, time_conditioned)
     if spec.sampler == "semi_ar":
         check_blocks("semi_ar", spec.length, semi_ar_block_length(spec), spec.steps)
     if seq_len is not None:

@@ -13,6 +13,10 @@ These run in a `lax.while_loop` that exits once no active [MASK] is left, so NFE
              position at once, a committed token keeping the confidence it was committed with; a [MASK] more
              confident than a committed token takes its place in the budget and the committed one is re-masked
              (one `lax.scan` of --steps forwards; known tokens are never re-masked)
+  saber      Saber (Dong et al. 2025): every [MASK] at least as confident as the mean commit-time confidence of
+             the tokens committed so far (the top-1 at the start); backtracking: up to `remask` committed tokens
+             whose probability under the current forward fell by more than `min_drop` since their commit are
+             re-masked, and as many more [MASK]s commit, so every step still unmasks >= 1 net (`lax.while_loop`)
 The runners are methods of a mixin of `MaskedSampling`, so every masked sampler (semi_ar, block, the Fast-dLLM
 caches) runs them as its `inner` rule.
 """
@@ -27,11 +31,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dlm_jax.sampling.loop import SamplerState, argmax_last, option
+from dlm_jax.errors import UserError
+from dlm_jax.sampling.loop import SamplerState, SampleSpec, argmax_last, option
 
 Array = jax.Array
 PARALLEL_RULES = ("threshold", "factor", "prophet", "sched", "ccd")
-REMASKING_RULES = ("rcr",)
+REMASKING_RULES = ("rcr", "saber")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +48,20 @@ class ParallelOptions:
     gap: float = option(7.5, "prophet / sched: mean top-1 / top-2 logit gap at which every [MASK] commits at once")
     gap_end: float = option(2.5, "sched: the gap threshold at the end (it falls linearly from --sampler.gap)")
     stable_steps: int = option(2, "ccd: commit a [MASK] whose argmax stayed the same over this many forwards")
+    remask: int = option(1, "saber: at most this many committed tokens re-masked per step")
+    min_drop: float = option(0.3, "saber: re-mask a committed token whose probability fell by more than this")
 
 
 DEFAULTS = ParallelOptions()
+LOWEST = {"stable_steps": 1, "remask": 0, "min_drop": 0.0}  # the smallest value each count / margin may take
+
+
+def check_parallel_options(spec: SampleSpec) -> None:
+    """One-line error for a parallel rule's knob below its range (the rest are any finite number)."""
+    for name, lowest in LOWEST.items():
+        value = spec.option(name, lowest)
+        if value < lowest:
+            raise UserError(f"--sampler.{name}={value} must be >= {lowest}")
 
 
 # -- commit rules: pure functions of confidences and masks ([N, L] unless said) --------------------------------
@@ -79,6 +95,13 @@ def factor_commit(confidence: Array, todo: Array, factor: float) -> Array:
     fits = (ranked > -jnp.inf) & ((i + 1) * (1.0 - ranked) <= factor)
     count = jnp.cumprod(fits, axis=-1).sum(-1)  # [N]: length of the prefix that fits
     return todo & (rank < count[:, None])
+
+
+def backtrack_remask(drop: Array, budget: Array, min_drop: float) -> Array:
+    """Saber's backtracking: of the positions whose confidence `drop` [N, L] exceeds min_drop, the `budget` [N] with
+    the largest drops (positions that may not be re-masked carry drop -inf)."""
+    fell = drop > min_drop
+    return fell & (confidence_rank(drop, fell) < budget[:, None])
 
 
 def top_gap(logits: Array) -> Array:
@@ -198,3 +221,40 @@ class ParallelDecoding:
 
         held = jnp.zeros(state.tokens.shape, jnp.float32)
         return jax.lax.scan(step, (state, held), jnp.arange(steps))[0][0]
+
+    def saber(self, logits_fn: Callable, state: SamplerState, active: Array, steps: int,
+              primed: Array | None = None) -> SamplerState:
+        """Saber: commit every [MASK] with confidence >= the running mean of commit-time confidences (the top-1 on
+        the first step), re-mask committed tokens whose probability fell the most (at most `remask`, each by more
+        than `min_drop`) and commit as many more, within the `topk_confidence` schedule (done in `steps`)."""
+        generated = self.todo(state.tokens, active)  # the positions this run decides; known tokens never move
+        m0 = generated.sum(-1)  # [N]
+        max_remask, min_drop = self.parallel_option("remask"), self.parallel_option("min_drop")
+
+        def step(carry: tuple[SamplerState, Array, Array, Array, Array]) -> tuple[SamplerState, Array, Array, Array,
+                                                                                   Array]:
+            st, i, held, total, count = carry  # held [N, L]: commit-time confidences; total / count [N]: their mean
+            todo, logits, x0, confidence, rng, forwards = self.propose_step(logits_fn, st, active, m0, primed, i == 0)
+            masked, keep = todo.sum(-1), self.keep_masked(m0, i, steps)
+            # how this forward scores the committed tokens (their logits are the backbone's own: SUBS drops only [MASK])
+            now = draw_confidence(logits, st.tokens)
+            drop = jnp.where(generated & ~todo, held - now, -jnp.inf)
+            budget = jnp.clip(jnp.minimum(max_remask, jnp.minimum(keep, masked - 1)), 0)  # net progress >= 1
+            remask = backtrack_remask(drop, budget, min_drop)
+            redo = remask.sum(-1)
+            mean = jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.where(todo, confidence, 0.0).max(-1))
+            floor = jnp.maximum(masked - keep + redo, 1 + redo)  # the schedule, and one more than re-masked
+            commit = topk_commit(confidence, todo, floor) | threshold_commit(confidence, todo, mean[:, None])
+            tokens = jnp.where(commit, x0, jnp.where(remask, self.mask_id, st.tokens))
+            held = jnp.where(commit, confidence, jnp.where(remask, 0.0, held))
+            total, count = total + jnp.where(commit, confidence, 0.0).sum(-1), count + commit.sum(-1)
+            st = st.replace(tokens=tokens, rng=rng, step=st.step + 1, nfe=st.nfe + forwards)
+            return st, i + 1, held, total, count
+
+        def keep_going(carry: tuple[SamplerState, Array, Array, Array, Array]) -> Array:
+            return jnp.any(self.todo(carry[0].tokens, active)) & (carry[1] < steps)
+
+        n = state.tokens.shape[0]
+        start = (state, jnp.int32(0), jnp.zeros(state.tokens.shape, jnp.float32), jnp.zeros((n,), jnp.float32),
+                 jnp.zeros((n,), jnp.int32))
+        return jax.lax.while_loop(keep_going, step, start)[0]
