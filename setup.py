@@ -32,6 +32,7 @@ setup(
         "gcs": ["gcsfs>=2024.2.0", "google-cloud-storage>=2.14"],  # gs:// workdirs and data (epath, TensorBoard)
         "gpu": ["jax[cuda12]>=0.10.0"],
         "tpu": ["jax[tpu]>=0.10.0"],
+        "bench": ["torch>=2.4"],  # benchmarks/vs_pytorch.py; the CPU wheel: docs/benchmarks.md
     },
     entry_points={"console_scripts": ["dlm-jax=dlm_jax.main:main"]},
 )

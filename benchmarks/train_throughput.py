@@ -132,42 +132,54 @@ def make_config(family: str, attention_impl: str, scan_layers: bool, args: argpa
     return c
 
 
+class TrainStep:
+    """One row's train step, ready to time: the experiment, its state on the mesh and a fixed random batch;
+    `run()` runs one step and waits for it."""
+
+    def __init__(self, family: str, attention_impl: str, scan_layers: bool, args: argparse.Namespace):
+        config = make_config(family, attention_impl, scan_layers, args)
+        tokenizer = None
+        if args.vocab_size:  # the model gets exactly vocab_size ids: the family appends its own ([MASK]) after these
+            tokenizer = SyntheticTokenizer(args.vocab_size - getattr(families.get(family), "num_extra_tokens", 0))
+        with synthetic_tokenizer(tokenizer):
+            self.exp = exp = build_experiment(config)
+        batch_sharding = sharding.batch_sharding(exp.mesh)
+        rng = np.random.default_rng(0)
+        local = {"tokens": rng.integers(0, exp.tokenizer.vocab_size, (args.batch_size, args.seq_len)).astype(np.int32),
+                 "loss_mask": np.ones((args.batch_size, args.seq_len), np.float32)}
+        with sharding.mesh_context(exp.mesh):
+            self.state = create_train_state(exp.family.init_params, exp.optimizer, config, exp.state_shardings)
+            self.step = make_train_step(exp, batch_sharding)
+            self.batch = sharding.global_batch(local, batch_sharding)
+        self.metrics: dict = {}
+
+    def run(self) -> None:
+        with sharding.mesh_context(self.exp.mesh):
+            self.state, self.metrics = self.step(self.state, self.batch, self.exp.frozen)
+            jax.block_until_ready(self.metrics)
+
+
 def measure(family: str, attention_impl: str, scan_layers: bool, args: argparse.Namespace) -> dict:
     """Step seconds, tokens/s and model TFLOP/s of one (family, attention impl, layers mode)."""
-    config = make_config(family, attention_impl, scan_layers, args)
-    tokenizer = None
-    if args.vocab_size:  # the model gets exactly vocab_size ids: the family appends its own ([MASK]) after these
-        tokenizer = SyntheticTokenizer(args.vocab_size - getattr(families.get(family), "num_extra_tokens", 0))
-    with synthetic_tokenizer(tokenizer):
-        exp = build_experiment(config)
-    batch_sharding = sharding.batch_sharding(exp.mesh)
-    rng = np.random.default_rng(0)
-    local = {"tokens": rng.integers(0, exp.tokenizer.vocab_size, (args.batch_size, args.seq_len)).astype(np.int32),
-             "loss_mask": np.ones((args.batch_size, args.seq_len), np.float32)}
-    with sharding.mesh_context(exp.mesh):
-        state = create_train_state(exp.family.init_params, exp.optimizer, config, exp.state_shardings)
-        step = make_train_step(exp, batch_sharding)
-        batch = sharding.global_batch(local, batch_sharding)
+    step = TrainStep(family, attention_impl, scan_layers, args)
+    start = time.perf_counter()
+    step.run()  # compiles
+    first_step_seconds = time.perf_counter() - start
+    for _ in range(WARMUP_STEPS - 1):
+        step.run()
+    times = []
+    for _ in range(args.steps):
         start = time.perf_counter()
-        state, metrics = step(state, batch, exp.frozen)  # compiles
-        jax.block_until_ready(metrics)
-        first_step_seconds = time.perf_counter() - start
-        for _ in range(WARMUP_STEPS - 1):
-            state, metrics = step(state, batch, exp.frozen)
-        jax.block_until_ready(metrics)
-        times = []
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            state, metrics = step(state, batch, exp.frozen)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - start)
-        loss = float(metrics["loss"])
+        step.run()
+        times.append(time.perf_counter() - start)
+    loss = float(step.metrics["loss"])
     seconds = float(np.median(times))
     tokens_per_second = args.batch_size * args.seq_len / seconds
-    model_flops = flops_per_token(exp.family.model.cfg, args.seq_len) * tokens_per_second
-    del state, batch, metrics
+    cfg = step.exp.family.model.cfg
+    model_flops = flops_per_token(cfg, args.seq_len) * tokens_per_second
+    del step
     return {"step_seconds": seconds, "first_step_seconds": first_step_seconds, "tokens_per_second": tokens_per_second,
-            "model_tflops": model_flops / 1e12, "model_vocab_size": exp.family.model.cfg.vocab_size, "loss": loss}
+            "model_tflops": model_flops / 1e12, "model_vocab_size": cfg.vocab_size, "loss": loss}
 
 
 def resolve_defaults(args: argparse.Namespace, backend: str) -> None:

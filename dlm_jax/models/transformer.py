@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dlm_jax.kernels import attention as attention_lib
+from dlm_jax.models.matmul import dot_f32_accumulate, on_rows
 
 Array = jax.Array
 KVCache = dict[str, Array]  # {"key", "value"}: [num_layers, B, max_len, H, D] (one layer's slice inside a Block)
@@ -126,10 +127,9 @@ class Projection(nn.Module):
             1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out))
         )
         kernel = self.param("kernel", dense_init(self.axes, init), self.in_shape + self.out_shape)
-        contract = tuple(range(x.ndim - n_in, x.ndim))
-        return jax.lax.dot_general(
-            x.astype(self.dtype), kernel.astype(self.dtype), ((contract, tuple(range(n_in))), ((), ()))
-        )
+        contract = tuple(range(1, 1 + n_in))
+        return on_rows(lambda rows: dot_f32_accumulate(
+            rows.astype(self.dtype), kernel.astype(self.dtype), ((contract, tuple(range(n_in))), ((), ()))), x, n_in)
 
 
 class Attention(nn.Module):
@@ -181,16 +181,16 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
-        dense = dict(dtype=cfg.compute_dtype, use_bias=False, kernel_init=dense_init(("embed", "mlp")))
+        dense = dict(dtype=cfg.compute_dtype, use_bias=False, kernel_init=dense_init(("embed", "mlp")),
+                     dot_general=dot_f32_accumulate)
         if cfg.mlp_type == "swiglu":
-            gate = nn.Dense(cfg.mlp_dim, name="wi_gate", **dense)(x)
-            h = nn.silu(gate) * nn.Dense(cfg.mlp_dim, name="wi", **dense)(x)
+            gate = on_rows(nn.Dense(cfg.mlp_dim, name="wi_gate", **dense), x)
+            h = nn.silu(gate) * on_rows(nn.Dense(cfg.mlp_dim, name="wi", **dense), x)
         else:
-            h = nn.gelu(nn.Dense(cfg.mlp_dim, name="wi", **dense)(x))
+            h = nn.gelu(on_rows(nn.Dense(cfg.mlp_dim, name="wi", **dense), x))
         h = _constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
-        return nn.Dense(
-            cfg.d_model, dtype=cfg.compute_dtype, use_bias=False, kernel_init=dense_init(("mlp", "embed")), name="wo"
-        )(h)
+        return on_rows(nn.Dense(cfg.d_model, dtype=cfg.compute_dtype, use_bias=False, dot_general=dot_f32_accumulate,
+                                kernel_init=dense_init(("mlp", "embed")), name="wo"), h)
 
 
 def modulation(cond: Array | None, num: int, d_model: int, name: str) -> list[Array | None]:
@@ -273,8 +273,8 @@ def final_norm(cfg: TransformerConfig, x: Array, cond: Array | None, prefix: str
 def output_head(cfg: TransformerConfig, x: Array, features: int, name: str = "head",
                 axis: str | None = "vocab") -> Array:
     """A zero-initialised linear read-out of the final normed hidden state: [B, L, D] -> [B, L, features] float32."""
-    out = nn.Dense(features, dtype=cfg.compute_dtype, use_bias=False,
-                   kernel_init=dense_init(("embed", axis), nn.initializers.zeros), name=name)(x)
+    out = on_rows(nn.Dense(features, dtype=cfg.compute_dtype, use_bias=False, dot_general=dot_f32_accumulate,
+                           kernel_init=dense_init(("embed", axis), nn.initializers.zeros), name=name), x)
     return _constrain(out.astype(jnp.float32),
                       ("activation_batch", "activation_length", f"activation_{axis}" if axis else None))
 
