@@ -105,10 +105,9 @@ def test_threshold_cuts_forwards_on_a_confident_model():
     assert nfe_loose == 16
 
 
-def test_rcr_remasks_a_committed_token_pushed_out_of_the_budget():
-    """All masked: position 0 is the only (weakly) confident one and commits; from then on the other positions are
-    near-certain, so at the next step they outrank position 0's commit-time confidence and it is re-masked."""
-    seen = []
+def _turncoat_model(seen):
+    """A toy denoiser that records the first row it is given (in `seen`): with everything masked only position 0 is
+    (weakly, p = 0.6 over token 1) confident; once anything is unmasked every position is sure of token 4."""
 
     def model(z, t):
         del t
@@ -117,6 +116,15 @@ def test_rcr_remasks_a_committed_token_pushed_out_of_the_budget():
         first = jnp.zeros(z.shape + (V + 1,)).at[:, 0, 1].set(2.0)
         sure = jnp.broadcast_to(20.0 * jax.nn.one_hot(4, V + 1), z.shape + (V + 1,))
         return jnp.where(all_masked, first, sure)
+
+    return model
+
+
+def test_rcr_remasks_a_committed_token_pushed_out_of_the_budget():
+    """All masked: position 0 is the only (weakly) confident one and commits; from then on the other positions are
+    near-certain, so at the next step they outrank position 0's commit-time confidence and it is re-masked."""
+    seen = []
+    model = _turncoat_model(seen)
 
     tokens, nfe = _sample("rcr", jnp.full((4,), MASK), steps=4, n=1, fn=model, temperature=0.0, block_length=4)
     jax.effects_barrier()
@@ -137,14 +145,7 @@ def test_saber_remasks_a_token_the_model_turned_against_and_commits_above_the_me
     sure of token 4, so position 0's token 1 fell from 0.6 to ~0 and is re-masked, while all three [MASK]s pass
     the mean commit confidence (0.6) and commit at once; one more forward fills position 0."""
     seen = []
-
-    def model(z, t):
-        del t
-        jax.debug.callback(lambda row: seen.append(np.asarray(row)), z[0])
-        all_masked = jnp.all(z == MASK, axis=-1, keepdims=True)[..., None]  # [N, 1, 1]
-        first = jnp.zeros(z.shape + (V + 1,)).at[:, 0, 1].set(2.0)
-        sure = jnp.broadcast_to(20.0 * jax.nn.one_hot(4, V + 1), z.shape + (V + 1,))
-        return jnp.where(all_masked, first, sure)
+    model = _turncoat_model(seen)
 
     tokens, nfe = _sample("saber", jnp.full((4,), MASK), steps=4, n=1, fn=model, temperature=0.0, block_length=4)
     jax.effects_barrier()
