@@ -1,8 +1,9 @@
 """The weight matmuls of the backbone, shaped for speed on every backend with the same math.
 
 `on_rows` merges the leading [B, L] axes into one row axis before a weight's matmul (XLA:CPU otherwise copies a
-transposed [B, L, ...] operand in the backward pass); `dot_f32_accumulate` keeps float32 unchanged and, in
-bfloat16, accumulates every product in float32 (XLA:CPU runs the CPU's bf16 dot instructions only then).
+transposed [B, L, ...] operand in the backward pass); `dot_f32_accumulate` keeps float32 (and GPU / TPU) unchanged
+and, in bfloat16 on CPU, accumulates every product in float32 (XLA:CPU runs the CPU's bf16 dot instructions only
+then).
 Measured in benchmarks/vs_pytorch.py (docs/benchmarks.md).
 """
 
@@ -48,15 +49,16 @@ _low_precision_dot.defvjp(_low_precision_dot_fwd, _low_precision_dot_bwd)
 
 def dot_f32_accumulate(lhs: Array, rhs: Array, dimension_numbers: Any, precision: Any = None,
                        preferred_element_type: Any = None) -> Array:
-    """lax.dot_general for the weight matmuls (rows [N, *in] . kernel [*in, *out]): unchanged in float32; in
-    bfloat16 every product accumulates in float32 and returns bfloat16, forward and backward (XLA:CPU runs the CPU's
-    bf16 dot instructions only for a float32 result: 2x its bf16 -> bf16 matmul, benchmarks/vs_pytorch.py)."""
+    """lax.dot_general for the weight matmuls (rows [N, *in] . kernel [*in, *out]): unchanged in float32 and on
+    GPU / TPU (their bf16 dots accumulate in float32 already); in bfloat16 on CPU every product accumulates in float32
+    and returns bfloat16, forward and backward (XLA:CPU runs the CPU's bf16 dot instructions only for a float32
+    result: 2x its bf16 -> bf16 matmul, benchmarks/vs_pytorch.py)."""
     del preferred_element_type
     (lhs_contract, rhs_contract), batch = dimension_numbers
     n_in = len(lhs_contract)
     rows_by_kernel = (lhs.ndim == 1 + n_in and tuple(lhs_contract) == tuple(range(1, 1 + n_in))
                       and tuple(rhs_contract) == tuple(range(n_in)) and not any(batch))
-    if lhs.dtype == jnp.float32 or not rows_by_kernel:
+    if lhs.dtype == jnp.float32 or not rows_by_kernel or jax.default_backend() != "cpu":  # GPU / TPU: as before
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision)
     return _low_precision_dot(lhs, rhs.astype(lhs.dtype), n_in)
 
