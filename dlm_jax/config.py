@@ -42,6 +42,11 @@ def common_config() -> ml_collections.ConfigDict:
     c.model.cond_dim = 128
     c.model.dropout = 0.0
     c.model.rope_base = 10000.0
+    # imported public weights (dlm-jax import; token families only): GPT-2's learned positions and biases
+    c.model.positions = "rotary"  # rotary | learned (a table of model.max_positions rows)
+    c.model.max_positions = 0
+    c.model.use_bias = False  # biases on q/k/v/out, the MLP, layernorm and the head
+    c.model.norm_eps = 1e-6
     c.model.scan_layers = True
     c.model.remat = "none"  # none | full | dots
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
@@ -263,6 +268,10 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
     m, d, t = config.model, config.data, config.train
     choice("model.mlp_type", m.mlp_type, ("swiglu", "gelu"))
     choice("model.norm", m.norm, ("rmsnorm", "layernorm"))
+    choice("model.positions", m.positions, ("rotary", "learned"))
+    if m.positions == "learned" and m.max_positions < d.seq_len:
+        raise UserError(f"model.positions='learned' needs model.max_positions >= data.seq_len={d.seq_len}, got "
+                        f"{m.max_positions}")
     choice("model.remat", m.remat, ("none", "full", "dots"))
     choice("model.dtype", m.dtype, ("float32", "bfloat16"))
     choice("model.attention_impl", m.attention_impl, attention_impls)
@@ -277,7 +286,7 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
             raise UserError(f"config key {key!r} must be >= 1, got {get_value(config, key)}")
     if m.d_model % m.num_heads:
         raise UserError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}")
-    if (m.d_model // m.num_heads) % 2:
+    if (m.d_model // m.num_heads) % 2 and m.positions == "rotary":
         raise UserError(f"head dim d_model/num_heads={m.d_model // m.num_heads} must be even for rotary embeddings")
     for key in ("train.ema_decay", "train.b1", "train.b2", "model.dropout"):
         if not 0.0 <= get_value(config, key) < 1.0:

@@ -32,7 +32,7 @@ from dlm_jax.train.state import TrainState, abstract_state_and_shardings, eval_p
 # only fits a config that agrees on them.
 SHAPE_KEYS = ("model.family", "model.num_layers", "model.d_model", "model.num_heads", "model.mlp_dim",
               "model.mlp_type", "model.norm", "model.time_conditioning", "model.cond_dim", "model.scan_layers",
-              "data.tokenizer", "data.tokenizer_path")
+              "model.positions", "model.max_positions", "model.use_bias", "data.tokenizer", "data.tokenizer_path")
 
 
 @dataclasses.dataclass

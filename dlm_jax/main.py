@@ -1,4 +1,4 @@
-"""The `dlm-jax` command line: train, eval, sample, prepare, compile.
+"""The `dlm-jax` command line: train, eval, sample, prepare, compile, import, export, plot.
 
   dlm-jax train   --config=configs/quickstart.py --workdir=DIR [--config.key=value ...]
   dlm-jax eval    --workdir=DIR [--checkpoint_step=N] [--config.key=value ...]
@@ -7,6 +7,9 @@
                   (--sampler=NAME --help: its options)
   dlm-jax prepare --config=configs/x.py --output_dir=DIR [--config.key=value ...]
   dlm-jax compile --config=configs/x.py --mesh=data=2,fsdp=4 [--config.key=value ...]
+  dlm-jax import  --format=hf_gpt2|hf_llada|dlm_jax --source=DIR_OR_HUB_NAME --workdir=OUT [--config.key=value ...]
+  dlm-jax export  --workdir=DIR --output=OUT_DIR [--checkpoint_step=N] [--no_ema]
+  dlm-jax plot    --workdir=DIR [--output_dir=OUT_DIR]
   dlm-jax --version
 
 Bad input (config, data, workdir) and every other failure end with one `error: ...` line on stderr and exit
@@ -111,6 +114,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--output_dir", required=True)
     p.add_argument("--num_shards", type=int, default=4)
+    p = sub.add_parser("import", help="public weights (HF layout: config.json + *.safetensors) -> a new workdir "
+                       "(docs/weights.md)", **_help_end("import"))
+    p.add_argument("--format", required=True, choices=("hf_gpt2", "hf_llada", "dlm_jax"),
+                   help="hf_gpt2 -> an ar workdir; hf_llada (LLaDA / HF LLaMA names) -> mdlm; dlm_jax: an export")
+    p.add_argument("--source", required=True, help="a local directory, or a HF hub name (downloaded when online)")
+    p.add_argument("--workdir", required=True, help="the workdir to create (must not hold a checkpoint)")
+    p = sub.add_parser("export", help="a workdir's params (EMA by default) -> OUT/model.safetensors + config.json")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--checkpoint_step", type=int, default=None)
+    p.add_argument("--no_ema", action="store_true", help="the raw params instead of the EMA ones")
+    p = sub.add_parser("plot", help="loss / val curves of WORKDIR/metrics.jsonl -> PNG files")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--output_dir", default=None, help="where the PNGs go (default: WORKDIR)")
     return parser
 
 
@@ -278,40 +295,27 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def cmd_compile(args, config) -> None:
-    """Ahead-of-time check that the train step of `config` lowers and compiles for the mesh, with the memory
-    estimate per device; runs on fake CPU devices so sharding mistakes show before a pod is rented."""
+    from dlm_jax.train.aot import compile_train_step
 
-    import jax
+    print(json.dumps(compile_train_step(config, args.mesh, parse_mesh(args.mesh))))
 
-    from dlm_jax.experiment import build_experiment
-    from dlm_jax.train import sharding
-    from dlm_jax.train.loop import make_train_step
 
-    sizes = parse_mesh(args.mesh)
-    if jax.device_count() != math.prod(sizes.values()):
-        raise UserError(f"--mesh={args.mesh} needs {math.prod(sizes.values())} devices, this process has "
-                        f"{jax.device_count()}; run `dlm-jax compile` as its own process")
-    config = config_lib.apply_overrides(config, [f"--config.mesh.{k}={v}" for k, v in sizes.items()])
-    exp = build_experiment(config)
-    batch_sharding = sharding.batch_sharding(exp.mesh)
-    shape = (config.train.batch_size, config.data.seq_len)
-    batch = {"tokens": jax.ShapeDtypeStruct(shape, jax.numpy.int32, sharding=batch_sharding),
-             "loss_mask": jax.ShapeDtypeStruct(shape, jax.numpy.float32, sharding=batch_sharding)}
-    with sharding.mesh_context(exp.mesh):
-        compiled = make_train_step(exp, batch_sharding).lower(exp.abstract_state, batch, exp.frozen).compile()
-    memory = compiled.memory_analysis()
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-              "generated_code_size_in_bytes")
-    mib = {f.replace("_size_in_bytes", "_mib"): getattr(memory, f, 0) / 2**20 for f in fields} if memory else {}
-    total = mib.get("argument_mib", 0) + mib.get("output_mib", 0) - mib.get("alias_mib", 0) + mib.get("temp_mib", 0)
-    params = sum(math.prod(x.shape) for x in jax.tree.leaves(exp.abstract_state.params))
-    print(f"compiled the {config.model.family} train step ({params / 1e6:.1f}M params, batch {shape}) for mesh "
-          f"{dict(exp.mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices")
-    for key, value in mib.items():
-        print(f"  {key:>16s}: {value:10.1f} MiB per device")
-    print(f"  {'estimate':>16s}: {total:10.1f} MiB per device (arguments + outputs - aliased + temporaries)")
-    print(json.dumps({"mesh": dict(exp.mesh.shape), "devices": jax.device_count(), "params": params,
-                      "per_device_mib": total, **mib}))
+def cmd_import(args, config) -> None:
+    from dlm_jax.weights import importer
+
+    print(json.dumps(importer.import_weights(args.format, args.source, args.workdir, args.overrides)))
+
+
+def cmd_export(args, config) -> None:
+    from dlm_jax.weights import export
+
+    print(json.dumps(export.export_workdir(args.workdir, config, args.output, args.checkpoint_step, not args.no_ema)))
+
+
+def cmd_plot(args, config) -> None:
+    from dlm_jax.eval import curves
+
+    print(json.dumps(curves.plot_curves(args.workdir, args.output_dir or args.workdir)))
 
 
 def cmd_prepare(args, config) -> None:
@@ -323,7 +327,8 @@ def cmd_prepare(args, config) -> None:
 MOVED_TO_SAMPLER_OPTIONS = ("--block_length", "--inner", "--unmask_schedule")  # flags of older versions
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "prepare": cmd_prepare,
-            "compile": cmd_compile}
+            "compile": cmd_compile, "import": cmd_import, "export": cmd_export, "plot": cmd_plot}
+NO_CONFIG = ("import", "plot")  # commands that read no config (import writes one, with the --config.KEY overrides)
 
 
 def _fake_devices_for_compile(argv: list[str]) -> None:
@@ -358,8 +363,10 @@ def _run(argv: list[str]) -> None:
         from dlm_jax.train.distributed import initialize
 
         initialize(args.coordinator_address, args.num_processes, args.process_id)
-    args.sampler_options = options
-    COMMANDS[args.command](args, _load(args, overrides))
+    if overrides and args.command == "plot":
+        raise UserError(f"--config.KEY overrides do not go with `dlm-jax {args.command}`")
+    args.sampler_options, args.overrides = options, overrides
+    COMMANDS[args.command](args, None if args.command in NO_CONFIG else _load(args, overrides))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,7 +27,7 @@ def ar_workdir(tmp_path_factory, train_corpus):
 
 
 def _flat(tree):
-    return {path: np.asarray(leaf) for path, leaf in init_from._flat(tree).items()}
+    return {path: np.asarray(leaf) for path, leaf in init_from.flat_params(tree).items()}
 
 
 @pytest.mark.parametrize("num_devices", [1, 8])

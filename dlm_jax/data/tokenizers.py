@@ -124,6 +124,10 @@ class HFTokenizer(Tokenizer):
         self.pad_id = self.vocab_size if pad is None else pad
         self.vocab_size += pad is None
 
+    def token_to_id(self, token: str) -> int | None:
+        """The id of a token of the vocabulary (e.g. a special token like <|mdm_mask|>), None if it has none."""
+        return self._tok.token_to_id(token)
+
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
 

@@ -70,6 +70,7 @@ class Family:
     no_sampler_hint: ClassVar[str] = ""  # what to do instead, for the error of a family without samplers
     shape_keys: ClassVar[tuple[str, ...]] = ()  # keys of the family's section that fix the params' shapes
     reading_keys: ClassVar[tuple[str, ...]] = ()  # keys that change how the params are read, not their shapes
+    imported_layouts: ClassVar[bool] = False  # whether model.positions / use_bias / norm_eps (GPT-2 ...) apply
 
     @classmethod
     def config_section(cls) -> ml_collections.ConfigDict | None:
@@ -190,6 +191,7 @@ class TransformerFamily(Family):
     """A family whose model is the one token backbone (`models/transformer.py`) with an attention mask."""
 
     mask_mode: ClassVar[str] = "full"  # attention mask of the backbone in training
+    imported_layouts: ClassVar[bool] = True
     num_extra_tokens: ClassVar[int] = 0  # ids appended after the tokenizer's vocabulary ([MASK])
 
     def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer, components: dict[str, Component]):
@@ -235,6 +237,13 @@ class TransformerFamily(Family):
 
     def empty_cache(self, batch: int, length: int) -> Any:
         return init_cache(self.model.cfg, batch, length)
+
+    def check_sample(self, spec: SampleSpec, template: Any) -> None:
+        super().check_sample(spec, template)
+        cfg = self.model.cfg
+        if cfg.positions == "learned" and spec.length > cfg.max_positions:
+            raise UserError(f"this model has learned positions for {cfg.max_positions} tokens (model.max_positions); "
+                            f"cannot sample {spec.length}: lower --length")
 
     def loss_terms(self, params: Params, batch: dict[str, Array], rng: Array, train: bool) -> Metrics:
         """{"nll_sum", "num_tokens", ...metrics}: the summed token loss (nats), so batches pool exactly."""

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dlm_jax.models.features import rotary_tables
 from dlm_jax.models.transformer import (
     Attention,
     Mlp,
@@ -31,7 +32,6 @@ from dlm_jax.models.transformer import (
     modulation,
     output_head,
     remat_block,
-    rotary_tables,
     run_layers,
     scanned_layers,
     time_condition,

@@ -21,17 +21,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dlm_jax.models.features import apply_rotary, rotary_tables
 from dlm_jax.models.transformer import (
     Block,
     Mlp,
     Norm,
     Projection,
     TransformerConfig,
-    apply_rotary,
     dense_init,
     final_norm,
     output_head,
-    rotary_tables,
     time_condition,
 )
 

@@ -12,12 +12,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dlm_jax.models.features import rotary_tables
 from dlm_jax.models.transformer import (
     TransformerConfig,
     dense_init,
     embed_tokens,
     final_norm,
-    rotary_tables,
     run_layers,
     time_condition,
 )

@@ -9,7 +9,6 @@ logical axis names; `dlm_jax/train/sharding.py` maps them to the device mesh.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dlm_jax.kernels import attention as attention_lib
+from dlm_jax.models.features import apply_rotary, rotary_tables, timestep_embedding
 from dlm_jax.models.matmul import dot_f32_accumulate, on_rows
 
 Array = jax.Array
@@ -41,6 +41,10 @@ class TransformerConfig:
     cond_dim: int = 128
     dropout: float = 0.0
     rope_base: float = 10000.0
+    positions: str = "rotary"  # rotary | learned (a table of max_positions rows added to the embeddings: GPT-2)
+    max_positions: int = 0
+    use_bias: bool = False  # biases on q/k/v/out, the MLP, layernorm and the head (GPT-2 weights)
+    norm_eps: float = 1e-6
     scan_layers: bool = True
     remat: str = "none"
     dtype: str = "float32"
@@ -72,9 +76,11 @@ def _constrain(x: Array, axes: tuple[str, ...]) -> Array:
 
 
 class Norm(nn.Module):
-    """RMSNorm or weight-only LayerNorm, computed in float32."""
+    """RMSNorm or LayerNorm (weight-only, or with a bias), computed in float32."""
 
     kind: str
+    eps: float = 1e-6
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -82,31 +88,17 @@ class Norm(nn.Module):
         x = x.astype(jnp.float32)
         if self.kind == "layernorm":
             x = x - jnp.mean(x, axis=-1, keepdims=True)
-        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + 1e-6)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],))
-        return (x * scale).astype(dtype)
+        x = x * scale
+        if self.use_bias:
+            x = x + self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (x.shape[-1],))
+        return x.astype(dtype)
 
 
-def rotary_tables(positions: Array, head_dim: int, base: float) -> tuple[Array, Array]:
-    """cos/sin tables [L, head_dim/2] at integer `positions` [L] for rotary embeddings (Su et al. 2021)."""
-    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
-    """Rotates pairs (x1, x2) of the two halves of the head dim. x: [B, L, H, D]."""
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
-def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array:
-    """Sinusoidal features of t in [0, 1] (scaled by 1000, as in DiT). t: [B] -> [B, dim]."""
-    half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    args = 1000.0 * t.astype(jnp.float32)[:, None] * freqs[None, :]
-    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+def backbone_norm(cfg: TransformerConfig, name: str) -> Norm:
+    """The configured norm of the backbone (kind, eps, bias)."""
+    return Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, name=name)
 
 
 class Projection(nn.Module):
@@ -119,6 +111,7 @@ class Projection(nn.Module):
     out_shape: tuple[int, ...]
     axes: tuple[str, ...]
     dtype: jnp.dtype = jnp.float32
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -128,8 +121,12 @@ class Projection(nn.Module):
         )
         kernel = self.param("kernel", dense_init(self.axes, init), self.in_shape + self.out_shape)
         contract = tuple(range(1, 1 + n_in))
-        return on_rows(lambda rows: dot_f32_accumulate(
+        y = on_rows(lambda rows: dot_f32_accumulate(
             rows.astype(self.dtype), kernel.astype(self.dtype), ((contract, tuple(range(n_in))), ((), ()))), x, n_in)
+        if not self.use_bias:
+            return y
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[n_in:]), self.out_shape)
+        return y + bias.astype(self.dtype)
 
 
 class Attention(nn.Module):
@@ -149,11 +146,12 @@ class Attention(nn.Module):
         cfg = self.cfg
         heads = (cfg.num_heads, cfg.head_dim)
         q, k, v = (
-            Projection((cfg.d_model,), heads, ("embed", "heads", "kv"), cfg.compute_dtype, name=n)(src)
+            Projection((cfg.d_model,), heads, ("embed", "heads", "kv"), cfg.compute_dtype, cfg.use_bias, name=n)(src)
             for n, src in (("query", x), ("key", x if context is None else context),
                            ("value", x if context is None else context))
         )  # [B, L, H, D]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cos is not None:  # None: learned positions, added to the embeddings
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q = _constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
         if cache is None:
             out = attention_lib.attention(q, k, v, mask_mode=self.mask_mode, impl=cfg.attention_impl,
@@ -171,7 +169,8 @@ class Attention(nn.Module):
                 at = (0, cache_index, 0, 0)
                 cache = {"key": jax.lax.dynamic_update_slice(cache["key"], k.astype(cache["key"].dtype), at),
                          "value": jax.lax.dynamic_update_slice(cache["value"], v.astype(cache["value"].dtype), at)}
-        out = Projection(heads, (cfg.d_model,), ("heads", "kv", "embed"), cfg.compute_dtype, name="out")(out)
+        out = Projection(heads, (cfg.d_model,), ("heads", "kv", "embed"), cfg.compute_dtype, cfg.use_bias,
+                         name="out")(out)
         return out, cache
 
 
@@ -181,16 +180,17 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
-        dense = dict(dtype=cfg.compute_dtype, use_bias=False, kernel_init=dense_init(("embed", "mlp")),
-                     dot_general=dot_f32_accumulate)
+        dense = dict(dtype=cfg.compute_dtype, use_bias=cfg.use_bias, kernel_init=dense_init(("embed", "mlp")),
+                     bias_init=dense_init(("mlp",), nn.initializers.zeros), dot_general=dot_f32_accumulate)
         if cfg.mlp_type == "swiglu":
             gate = on_rows(nn.Dense(cfg.mlp_dim, name="wi_gate", **dense), x)
             h = nn.silu(gate) * on_rows(nn.Dense(cfg.mlp_dim, name="wi", **dense), x)
         else:
             h = nn.gelu(on_rows(nn.Dense(cfg.mlp_dim, name="wi", **dense), x))
         h = _constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
-        return on_rows(nn.Dense(cfg.d_model, dtype=cfg.compute_dtype, use_bias=False, dot_general=dot_f32_accumulate,
-                                kernel_init=dense_init(("mlp", "embed")), name="wo"), h)
+        return on_rows(nn.Dense(cfg.d_model, dtype=cfg.compute_dtype, use_bias=cfg.use_bias, name="wo",
+                                dot_general=dot_f32_accumulate, kernel_init=dense_init(("mlp", "embed")),
+                                bias_init=dense_init(("embed",), nn.initializers.zeros)), h)
 
 
 def modulation(cond: Array | None, num: int, d_model: int, name: str) -> list[Array | None]:
@@ -233,11 +233,11 @@ class Block(nn.Module):
         cfg = self.cfg
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation(cond, 6, cfg.d_model, "adaln")
         h, cache = Attention(cfg, self.mask_mode, self.read_cache, name="attention")(
-            modulate(Norm(cfg.norm, name="norm1")(x), shift1, scale1), cos, sin, cache, cache_index, cache_len,
+            modulate(backbone_norm(cfg, "norm1")(x), shift1, scale1), cos, sin, cache, cache_index, cache_len,
             mask=mask)
         h = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(h)
         x = gated_residual(x, gate1, h)
-        h = Mlp(cfg, name="mlp")(modulate(Norm(cfg.norm, name="norm2")(x), shift2, scale2))
+        h = Mlp(cfg, name="mlp")(modulate(backbone_norm(cfg, "norm2")(x), shift2, scale2))
         h = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(h)
         x = gated_residual(x, gate2, h)
         x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
@@ -245,8 +245,9 @@ class Block(nn.Module):
         return x, cache
 
 
-def embed_tokens(cfg: TransformerConfig, tokens: Array) -> Array:
-    """tokens [B, L] -> [B, L, D] through the `embed` table (registered on the calling compact module)."""
+def embed_tokens(cfg: TransformerConfig, tokens: Array, positions: Array | None = None) -> Array:
+    """tokens [B, L] -> [B, L, D] through the `embed` table (registered on the calling compact module), plus the
+    `pos_embed` rows of `positions` [L] when given."""
     embed = nn.Embed(
         cfg.vocab_size,
         cfg.d_model,
@@ -254,6 +255,9 @@ def embed_tokens(cfg: TransformerConfig, tokens: Array) -> Array:
         name="embed",
     )
     x = embed(tokens).astype(cfg.compute_dtype)
+    if positions is not None:  # learned positions (GPT-2): a second table, indexed by position
+        x = x + nn.Embed(cfg.max_positions, cfg.d_model, name="pos_embed", embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(0.01), (None, "embed")))(positions)[None].astype(cfg.compute_dtype)
     return _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
 
@@ -267,14 +271,15 @@ def time_condition(cfg: TransformerConfig, t: Array, prefix: str = "time") -> Ar
 def final_norm(cfg: TransformerConfig, x: Array, cond: Array | None, prefix: str = "") -> Array:
     """The last (adaLN-modulated) norm before a head: [B, L, D] -> [B, L, D]."""
     shift, scale = modulation(cond, 2, cfg.d_model, f"{prefix}final_adaln")
-    return modulate(Norm(cfg.norm, name=f"{prefix}final_norm")(x), shift, scale)
+    return modulate(backbone_norm(cfg, f"{prefix}final_norm")(x), shift, scale)
 
 
 def output_head(cfg: TransformerConfig, x: Array, features: int, name: str = "head",
                 axis: str | None = "vocab") -> Array:
     """A zero-initialised linear read-out of the final normed hidden state: [B, L, D] -> [B, L, features] float32."""
-    out = on_rows(nn.Dense(features, dtype=cfg.compute_dtype, use_bias=False, dot_general=dot_f32_accumulate,
-                           kernel_init=dense_init(("embed", axis), nn.initializers.zeros), name=name), x)
+    out = on_rows(nn.Dense(features, dtype=cfg.compute_dtype, use_bias=cfg.use_bias, dot_general=dot_f32_accumulate,
+                           kernel_init=dense_init(("embed", axis), nn.initializers.zeros),
+                           bias_init=dense_init((axis,), nn.initializers.zeros), name=name), x)
     return _constrain(out.astype(jnp.float32),
                       ("activation_batch", "activation_length", f"activation_{axis}" if axis else None))
 
@@ -344,7 +349,10 @@ class Transformer(nn.Module):
                  attention_mask: Array | None = None) -> Array | tuple[Array, KVCache]:
         cfg = self.cfg
         mask_mode = mask_mode or cfg.mask_mode
-        x = embed_tokens(cfg, tokens)  # [B, L, D]
+        if positions is None:
+            positions = jnp.arange(tokens.shape[1]) + (jnp.asarray(cache_index, jnp.int32) if cache is not None else 0)
+        learned = cfg.positions == "learned"
+        x = embed_tokens(cfg, tokens, positions if learned else None)  # [B, L, D]
         cond = None
         if cfg.time_conditioning:
             if t is None:
@@ -352,9 +360,7 @@ class Transformer(nn.Module):
             cond = time_condition(cfg, t)  # [B, cond_dim]
         read_cache = not (isinstance(cache_index, int) and cache_index == 0 and cache_len is None)
         cache_index = jnp.asarray(cache_index, jnp.int32)
-        if positions is None:
-            positions = jnp.arange(tokens.shape[1]) + (cache_index if cache is not None else 0)
-        cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_base)
+        cos, sin = (None, None) if learned else rotary_tables(positions, cfg.head_dim, cfg.rope_base)
         x, cache = run_layers(cfg, deterministic, mask_mode, x, cond, cos, sin, cache, cache_index, cache_len,
                               read_cache, attention_mask)
         x = final_norm(cfg, x, cond)

@@ -39,7 +39,7 @@ def _is_box(x: Any) -> bool:
     return isinstance(x, nn.Partitioned)
 
 
-def _flat(tree: Params) -> dict[str, Any]:
+def flat_params(tree: Params) -> dict[str, Any]:
     """{'layer_0/attention/query/kernel': leaf} of a params tree; flax boxes stay leaves."""
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_box)[0]
     return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): leaf for path, leaf in leaves}
@@ -65,10 +65,10 @@ def _vocab_growth(there: tuple[int, ...], here: tuple[int, ...], names: tuple[st
     return here[diff[0]] - there[diff[0]]
 
 
-def _check_fits(source: Params, fresh: Params, where: str, hint: str) -> tuple[int, int]:
+def check_fits(source: Params, fresh: Params, where: str, hint: str) -> tuple[int, int]:
     """(scalars copied, vocabulary ids added) when `source` (arrays) fits the boxed abstract `fresh` params: the same
     paths and shapes, except one `vocab` axis that may be longer here; else a one-line UserError."""
-    src, dst = _flat(source), _flat(fresh)
+    src, dst = flat_params(source), flat_params(fresh)
     copied, new_ids = 0, 0
     for path, box in dst.items():
         if path not in src:
@@ -106,11 +106,11 @@ def load(exp: Experiment) -> Source:
         raise UserError(f"{where}: another tokenizer ({there} there, {here} here); use the same data.tokenizer and "
                         "data.tokenizer_path")
     fresh = jax.eval_shape(exp.family.init_params, jax.random.PRNGKey(0))
-    copied, new_ids = _check_fits(params, fresh, where, _model_hint(saved, config))
+    copied, new_ids = check_fits(params, fresh, where, _model_hint(saved, config))
     return Source(workdir, saved.model.family, step, params, copied, new_ids)
 
 
-def _copy_into(fresh: Params, source: Params) -> Params:
+def copy_into(fresh: Params, source: Params) -> Params:
     """`fresh` (boxed params) with `source`'s values written over it from index 0 of every axis: whole leaves, or
     the first rows / columns of a longer vocab axis (the rest keep their fresh values)."""
 
@@ -128,7 +128,7 @@ def create_state(exp: Experiment, source: Source) -> TrainState:
     optimizer state, step 0; born in exp's shardings (the source params are jit arguments, not constants)."""
 
     def init_params(rng: jax.Array, source_params: Params) -> Params:
-        return _copy_into(exp.family.init_params(rng), source_params)
+        return copy_into(exp.family.init_params(rng), source_params)
 
     state = create_train_state(init_params, exp.optimizer, exp.config, exp.state_shardings, source.params)
     ids = f", {source.num_new_ids} new vocabulary id(s) ([MASK]) at their fresh init" if source.num_new_ids else ""
