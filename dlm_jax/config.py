@@ -19,6 +19,8 @@ import ml_collections
 
 from dlm_jax.errors import UserError
 
+DEFAULT_NORM_EPS = 1e-6  # the backbone's norm epsilon; imported weights may bring their own (model.norm_eps)
+
 TOKENIZERS = ("byte", "char", "hf", "sentencepiece")
 SOURCES = ("python_stdlib", "text_files", "tfds", "hf", "array_record")
 
@@ -46,7 +48,7 @@ def common_config() -> ml_collections.ConfigDict:
     c.model.positions = "rotary"  # rotary | learned (a table of model.max_positions rows)
     c.model.max_positions = 0
     c.model.use_bias = False  # biases on q/k/v/out, the MLP, layernorm and the head
-    c.model.norm_eps = 1e-6
+    c.model.norm_eps = DEFAULT_NORM_EPS
     c.model.scan_layers = True
     c.model.remat = "none"  # none | full | dots
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)

@@ -130,14 +130,28 @@ def test_freedave_with_one_draft_is_the_target_and_time_conditioning_matches():
     assert stats["nfe"] < 16
 
 
-def test_freedave_on_block_diffusion_is_block_nocache_greedy():
+def test_freedave_on_block_diffusion_is_block_nocache_greedy_with_and_without_the_kv_cache():
+    # a prompt block first: from no context at all the tiny block model's first commit is a near-tie that the
+    # cached and uncached forwards' float noise breaks either way (the `block` sampler's too)
+    template = PROMPT
     fam, params = _family("block", seed=3)  # block_size 4
-    target, _ = _sample(fam, params, "block_nocache", PROMPT, inner="topk_confidence")
-    tokens, stats = _sample(fam, params, "freedave", PROMPT, draft_size=4)
+    assert _confidence_gap(fam, params, template, 4) > 1e-4
+    target, _ = _sample(fam, params, "block_nocache", template, inner="topk_confidence")
+    cached_target, _ = _sample(fam, params, "block", template, inner="topk_confidence")
+    np.testing.assert_array_equal(cached_target, target)
+    tokens, cached = _sample(fam, params, "freedave", template, draft_size=4)
+    uncached_tokens, uncached = _sample(fam, params, "freedave_nocache", template, draft_size=4)
     np.testing.assert_array_equal(tokens, target)
-    _keeps_template(tokens, PROMPT)
-    assert stats["nfe"] < 12
-    unverified, _ = _sample(fam, params, "block_nocache", PROMPT, steps=4, inner="topk_confidence")
+    np.testing.assert_array_equal(uncached_tokens, target)
+    _keeps_template(tokens, template)
+    generated, blocks = int((template < 0).sum()), len(template) // 4
+    # cached: a forward per masked block (its first prediction), the verifications, a K/V write per finished
+    # block but the last; each verification runs N k rows of one block, the others N rows
+    verifications = cached["nfe"] - generated // 4 - (blocks - 1)
+    assert 1 <= verifications < generated and cached["mean_accepted"] > 1.5
+    assert cached["forward_rows"] == 3 * (cached["nfe"] - verifications) + 3 * 4 * verifications
+    assert uncached["nfe"] < generated and uncached["forward_rows"] == 3 + 3 * 4 * (uncached["nfe"] - 1)
+    unverified, _ = _sample(fam, params, "block_nocache", template, steps=4, inner="topk_confidence")
     assert (unverified != target).any()
 
 

@@ -71,7 +71,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config_lib.validate_common(config)
     cls = get(config.model.family)
     m = config.model
-    if not cls.imported_layouts and (m.positions != "rotary" or m.use_bias or m.norm_eps != 1e-6):
+    imported = m.positions != "rotary" or m.use_bias or m.norm_eps != config_lib.DEFAULT_NORM_EPS
+    if not cls.imported_layouts and imported:
         raise UserError(f"model.positions / use_bias / norm_eps (the layouts of imported weights) are for the token "
                         f"families ({', '.join(n for n, c in FAMILIES.items() if c.imported_layouts)}), not "
                         f"{cls.name}; leave them at their defaults")

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from dlm_jax.config import DEFAULT_NORM_EPS
 from dlm_jax.kernels import attention as attention_lib
 from dlm_jax.models.features import apply_rotary, rotary_tables, timestep_embedding
 from dlm_jax.models.matmul import dot_f32_accumulate, on_rows
@@ -44,7 +45,7 @@ class TransformerConfig:
     positions: str = "rotary"  # rotary | learned (a table of max_positions rows added to the embeddings: GPT-2)
     max_positions: int = 0
     use_bias: bool = False  # biases on q/k/v/out, the MLP, layernorm and the head (GPT-2 weights)
-    norm_eps: float = 1e-6
+    norm_eps: float = DEFAULT_NORM_EPS
     scan_layers: bool = True
     remat: str = "none"
     dtype: str = "float32"
@@ -79,7 +80,7 @@ class Norm(nn.Module):
     """RMSNorm or LayerNorm (weight-only, or with a bias), computed in float32."""
 
     kind: str
-    eps: float = 1e-6
+    eps: float = DEFAULT_NORM_EPS
     use_bias: bool = False
 
     @nn.compact
@@ -349,8 +350,10 @@ class Transformer(nn.Module):
                  attention_mask: Array | None = None) -> Array | tuple[Array, KVCache]:
         cfg = self.cfg
         mask_mode = mask_mode or cfg.mask_mode
+        read_cache = not (isinstance(cache_index, int) and cache_index == 0 and cache_len is None)
+        cache_index = jnp.asarray(cache_index, jnp.int32)
         if positions is None:
-            positions = jnp.arange(tokens.shape[1]) + (jnp.asarray(cache_index, jnp.int32) if cache is not None else 0)
+            positions = jnp.arange(tokens.shape[1]) + (cache_index if cache is not None else 0)
         learned = cfg.positions == "learned"
         x = embed_tokens(cfg, tokens, positions if learned else None)  # [B, L, D]
         cond = None
@@ -358,8 +361,6 @@ class Transformer(nn.Module):
             if t is None:
                 raise ValueError("this model is time-conditioned: pass t")
             cond = time_condition(cfg, t)  # [B, cond_dim]
-        read_cache = not (isinstance(cache_index, int) and cache_index == 0 and cache_len is None)
-        cache_index = jnp.asarray(cache_index, jnp.int32)
         cos, sin = (None, None) if learned else rotary_tables(positions, cfg.head_dim, cfg.rope_base)
         x, cache = run_layers(cfg, deterministic, mask_mode, x, cond, cos, sin, cache, cache_index, cache_len,
                               read_cache, attention_mask)

@@ -5,14 +5,16 @@
              block takes its argmax (ties: lowest index). From the forward on z, draft_j = z + its first j commits
              (j = 1..k); one batched forward of the k drafts verifies them: draft_{j+1} is valid iff the target rule
              on draft_j's prediction commits exactly its (j+1)-th token. The longest valid chain is accepted and its
-             forward is the next prediction, so the output is the target's, token for token.
+             forward is the next prediction, so the output is the target's, token for token. `freedave_cached`:
+             the same on block diffusion against the exact KV cache (forwards of one block, drafts within it).
   diffuspec  DiffuSpec (a diffusion LM as the drafter of speculative decoding): the DLM drafts x_i ~ q_i for the next
              k positions of [prefix, MASK...] in one forward; the AR verifier scores [last, x_1..x_k] in one KV-cached
              forward; x_i is kept w.p. min(1, p_i(x_i) / q_i(x_i)) while all before it were, the first rejected one
              is redrawn from norm(max(p_i - q_i, 0)), and after k acceptances a bonus comes from p_{k+1}: every token
              follows p exactly (Leviathan et al. 2023), >= 1 token per step. Temperature 0: the AR's greedy output.
-Both are one `lax.while_loop`. `nfe` counts forward calls (a batched verification is one); FreeDave's
-`forward_rows` counts the sequences they ran (N per forward on z, N k per verification), the honest cost.
+Each is one `lax.while_loop` (cached FreeDave: one per block, in a `lax.scan` over the blocks). `nfe` counts
+forward calls (a batched verification is one); FreeDave's `forward_rows` counts the sequences they ran (N per
+forward on z, N k per verification), the honest cost.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ from dlm_jax.sampling.parallel import draw_confidence
 Array = jax.Array
 # decode(tokens [N, Lq], cache, index) -> (logits [N, Lq, V], cache with the queries' K/V written at index)
 DecodeFn = Callable[[Array, Any, Array], tuple[Array, Any]]
+# decode(tokens [N, Lb], t [N], cache, index, valid=None) -> (logits, cache): sampling/block.py's, read-only with
+# `valid` (the block reads cache[:valid] and writes nothing)
+BlockDecodeFn = Callable[..., tuple[Array, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,18 +123,13 @@ def block_time(tokens: Array, mask_id: int, block: int) -> Array:
     return (masked & current_block(masked, block)).sum(-1) / block
 
 
-def freedave(logits_fn: LogitsFn, rng: Array, template: Array, spec: SampleSpec, mask_id: int,
-             block: int) -> tuple[Array, dict[str, Array]]:
-    """Greedy semi-AR decoding of the template [L] ([MASK] = to generate), k = draft_size commits drafted per step.
-
-    Returns (tokens [N, L], {"nfe", "forward_rows", "mean_accepted": tokens committed per step}).
-    """
-    n, length = spec.num_samples, template.shape[0]
-    k = spec.option("draft_size", 4)
+def freedave_steps(verify: Callable[[Array], Array], state: SamplerState, k: int, mask_id: int,
+                   block: int) -> SamplerState:
+    """FreeDave steps on state.tokens [N, L] until no [MASK] is left. state.cache: {"logits": the tokens' SUBS
+    logits [N, L, V], "accepted", "steps": counters}; `verify(drafts [N, k, L])` -> their SUBS logits [N, k, L, V]
+    in one forward (state.step counts these verifications, state.nfe the forwards)."""
+    length = state.tokens.shape[1]
     num_blocks = length // block
-
-    def predict(z: Array) -> Array:  # [M, L] -> SUBS logits [M, L, V]
-        return subs_logits(logits_fn(z, block_time(z, mask_id, block)), mask_id)
 
     def step(st: SamplerState) -> SamplerState:
         z, logits = st.tokens, st.cache["logits"]  # [N, L], [N, L, V]
@@ -142,7 +142,7 @@ def freedave(logits_fn: LogitsFn, rng: Array, template: Array, spec: SampleSpec,
         rank = jnp.argsort(order, axis=-1)  # [N, L] position -> place in the order
         drafts = jnp.where(masked[:, None] & (rank[:, None] <= jnp.arange(k)[None, :, None]), x0[:, None],
                            z[:, None])  # [N, k, L]: draft_j holds the first j + 1 commits
-        verified = predict(drafts.reshape(n * k, length)).reshape(n, k, length, -1)
+        verified = verify(drafts)
         position, token = greedy_commit(verified[:, :-1], drafts[:, :-1], mask_id, block)  # [N, k - 1]
         wanted = order[:, 1:k]
         valid = ((position == wanted) & (token == jnp.take_along_axis(x0, wanted, axis=-1))
@@ -153,17 +153,79 @@ def freedave(logits_fn: LogitsFn, rng: Array, template: Array, spec: SampleSpec,
         return st.replace(
             tokens=jnp.take_along_axis(drafts, pick, axis=1)[:, 0], step=st.step + 1, nfe=st.nfe + 1,
             cache={"logits": jnp.take_along_axis(verified, pick[..., None], axis=1)[:, 0],
-                   "rows": st.cache["rows"] + n * k, "accepted": st.cache["accepted"] + (accepted * active).sum(),
+                   "accepted": st.cache["accepted"] + (accepted * active).sum(),
                    "steps": st.cache["steps"] + active.sum()})
+
+    return run_while(step, state, lambda st: jnp.any(st.tokens == mask_id))
+
+
+def freedave_stats(state: SamplerState, forward_rows: Array) -> dict[str, Array]:
+    c = state.cache
+    return {"nfe": state.nfe, "forward_rows": forward_rows,
+            "mean_accepted": c["accepted"] / jnp.maximum(c["steps"], 1)}
+
+
+def freedave(logits_fn: LogitsFn, rng: Array, template: Array, spec: SampleSpec, mask_id: int,
+             block: int) -> tuple[Array, dict[str, Array]]:
+    """Greedy semi-AR decoding of the template [L] ([MASK] = to generate), k = draft_size commits drafted per step,
+    every forward over the whole sequence (drafts may reach into later blocks).
+
+    Returns (tokens [N, L], {"nfe", "forward_rows", "mean_accepted": tokens committed per step}).
+    """
+    n, length = spec.num_samples, template.shape[0]
+    k = spec.option("draft_size", 4)
+
+    def predict(z: Array) -> Array:  # [M, L] -> SUBS logits [M, L, V]
+        return subs_logits(logits_fn(z, block_time(z, mask_id, block)), mask_id)
+
+    def verify(drafts: Array) -> Array:  # [N, k, L] -> [N, k, L, V]: one forward of N k rows
+        return predict(drafts.reshape(n * k, length)).reshape(n, k, length, -1)
 
     tokens = jnp.broadcast_to(template.astype(jnp.int32), (n, length))
     zero = jnp.zeros((), jnp.int32)
-    state = init_state(tokens, rng, {"logits": predict(tokens), "rows": jnp.int32(n), "accepted": zero,
-                                     "steps": zero}).replace(nfe=jnp.ones((), jnp.int32))
-    state = run_while(step, state, lambda st: jnp.any(st.tokens == mask_id))
-    c = state.cache
-    return state.tokens, {"nfe": state.nfe, "forward_rows": c["rows"],
-                          "mean_accepted": c["accepted"] / jnp.maximum(c["steps"], 1)}
+    state = init_state(tokens, rng, {"logits": predict(tokens), "accepted": zero, "steps": zero})
+    state = freedave_steps(verify, state.replace(nfe=jnp.ones((), jnp.int32)), k, mask_id, block)
+    return state.tokens, freedave_stats(state, n + n * k * state.step)
+
+
+def freedave_cached(decode_fn: BlockDecodeFn, kv_cache: Any, rng: Array, template: Array, spec: SampleSpec,
+                    mask_id: int, block: int) -> tuple[Array, dict[str, Array]]:
+    """`freedave` over exact block decoding (block diffusion: a clean block never sees later ones). Blocks left to
+    right; a block with a [MASK] is predicted once against the KV cache of the finished blocks, then FreeDave steps
+    run on it alone, the k drafts verified in one forward that reads the cache (shared by the drafts, not copied:
+    the decode is vmapped over them); one more forward writes the finished block's K/V (not after the last).
+    The same target, so the same tokens as `freedave`, with forwards over one block instead of the sequence.
+
+    Returns (tokens [N, L], {"nfe", "forward_rows", "mean_accepted"}).
+    """
+    n, length = spec.num_samples, template.shape[0]
+    k = spec.option("draft_size", 4)
+    num_blocks = length // block
+
+    def predict(z: Array, kv: Any, start: Array) -> Array:  # [M, Lb] -> SUBS logits [M, Lb, V], cache read-only
+        return subs_logits(decode_fn(z, block_time(z, mask_id, block), kv, start, start)[0], mask_id)
+
+    def block_body(st: SamplerState, b: Array) -> tuple[SamplerState, None]:
+        start, kv, c = b * block, st.cache["kv"], st.cache
+        blk = jax.lax.dynamic_slice_in_dim(st.tokens, start, block, axis=1)
+        has_mask = jnp.any(blk == mask_id)
+        shape = jax.eval_shape(predict, blk, kv, start)
+        logits = jax.lax.cond(has_mask, lambda: predict(blk, kv, start), lambda: jnp.zeros(shape.shape, shape.dtype))
+        verify = jax.vmap(lambda d: predict(d, kv, start), in_axes=1, out_axes=1)
+        inner = init_state(blk, st.rng, {"logits": logits, "accepted": c["accepted"], "steps": c["steps"]})
+        inner = freedave_steps(verify, inner.replace(step=st.step, nfe=st.nfe + has_mask), k, mask_id, block)
+        is_last = b == num_blocks - 1
+        kv = jax.lax.cond(is_last, lambda: kv, lambda: decode_fn(inner.tokens, jnp.zeros((n,)), kv, start)[1])
+        return st.replace(tokens=jax.lax.dynamic_update_slice_in_dim(st.tokens, inner.tokens, start, axis=1),
+                          step=inner.step, nfe=inner.nfe + (~is_last).astype(jnp.int32),
+                          cache={"kv": kv, "accepted": inner.cache["accepted"], "steps": inner.cache["steps"]}), None
+
+    zero = jnp.zeros((), jnp.int32)
+    state = init_state(jnp.broadcast_to(template.astype(jnp.int32), (n, length)), rng,
+                       {"kv": kv_cache, "accepted": zero, "steps": zero})
+    state = jax.lax.scan(block_body, state, jnp.arange(num_blocks))[0]
+    verifications = state.step
+    return state.tokens, freedave_stats(state, n * (state.nfe - verifications) + n * k * verifications)
 
 
 # -- DiffuSpec -------------------------------------------------------------------------------------

@@ -54,10 +54,15 @@ def resolve_source(source: str) -> str:
                         "config.json, *.safetensors and tokenizer.json") from None
 
 
-def _read_json(directory: str, name: str) -> dict:
+def _required_file(directory: str, name: str) -> str:
     path = fileio.join(directory, name)
     if not fileio.as_path(path).is_file():
         raise UserError(f"{directory!r} has no {name}; a checkpoint in HF layout has config.json + *.safetensors")
+    return path
+
+
+def _read_json(directory: str, name: str) -> dict:
+    path = _required_file(directory, name)
     try:
         return json.loads(fileio.read_text(path))
     except json.JSONDecodeError as e:
@@ -120,8 +125,7 @@ def _convert_hf(fmt: str, source: str) -> tuple[ml_collections.ConfigDict, dict[
 
 def _convert_dlm_jax(source: str) -> tuple[ml_collections.ConfigDict, dict[str, np.ndarray], str | None]:
     """(config, flat params, tokenizer file) of a `dlm-jax export` directory."""
-    _read_json(source, "config.json")  # present and JSON
-    config = families.config_from_json(fileio.read_text(fileio.join(source, "config.json")), where=source)
+    config = families.config_from_json(fileio.read_text(_required_file(source, "config.json")), where=source)
     tokenizer_file = None
     beside = fileio.join(source, config.data.tokenizer_path) if config.data.tokenizer_path else ""
     if config.data.tokenizer in ("hf", "sentencepiece") and beside and fileio.as_path(beside).is_file():
