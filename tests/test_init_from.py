@@ -80,6 +80,8 @@ def test_train_from_ar_writes_nothing_on_bad_input_and_a_resume_ignores_init_fro
     out = capsys.readouterr().out
     assert "resumed from" in out and "initialised from" not in out
     assert max(m["step"] for m in read_metrics(workdir) if "loss" in m) == 3
+    train(tiny_config(train_corpus, "block", ["--config.train.num_steps=3"]), workdir)  # finished: says so
+    assert "already trained to step 3 (train.num_steps=3): nothing to do" in capsys.readouterr().out
 
 
 def test_untrained_source_is_refused(ar_workdir, train_corpus, tmp_path):

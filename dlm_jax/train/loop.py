@@ -168,6 +168,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, lock: workdir_lock.W
         tokens_per_step = config.train.batch_size * config.data.seq_len
         print(f"{config.model.family}: {num_params / 1e6:.2f}M params, mesh {dict(exp.mesh.shape)}, "
               f"{tokens_per_step} tokens/step, steps {start} -> {config.train.num_steps}")
+        if start >= config.train.num_steps:
+            print(f"already trained to step {start} (train.num_steps={config.train.num_steps}): nothing to do; "
+                  "raise --config.train.num_steps to train further")
         history: list[tuple[int, dict]] = []  # device metrics since the last log (no host sync per step)
         last = {}
         window_start, window_steps = time.perf_counter(), 0  # throughput window: starts after the compiled step
