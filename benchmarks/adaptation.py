@@ -24,11 +24,10 @@ import argparse
 import datetime
 import os
 import platform
-import time
 
 import jax
 import numpy as np
-from common import ensure_trained, evaluate, sample_spec, write_result
+from common import evaluate, sample_spec, timed_train, write_result
 
 from dlm_jax.eval.genppl import Judge
 from dlm_jax.eval.sweep import generation_row
@@ -37,9 +36,7 @@ from dlm_jax.experiment import load_workdir_config, restore_for_inference
 
 def _train(recipe: str, workdir: str, args: argparse.Namespace, steps: int, extra: tuple[str, ...] = ()) -> float:
     """Trains unless `workdir` holds step `steps`; wall seconds spent now (0.0 when reused)."""
-    start = time.perf_counter()
-    trained = ensure_trained(recipe, workdir, args.data, steps, (*args.overrides.split(), *extra))
-    return time.perf_counter() - start if trained else 0.0
+    return timed_train(recipe, workdir, args.data, steps, (*args.overrides.split(), *extra))
 
 
 def main() -> None:

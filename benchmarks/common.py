@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -38,6 +39,13 @@ def ensure_trained(recipe: str, workdir: str, data_path: str, num_steps: int, ov
     print(f"training {recipe} for {num_steps} steps into {workdir}", flush=True)
     train(config, workdir)
     return True
+
+
+def timed_train(recipe: str, workdir: str, data_path: str, num_steps: int, overrides: tuple[str, ...] = ()) -> float:
+    """`ensure_trained`, returning the wall seconds spent training now (0.0 when the checkpoint was there)."""
+    start = time.perf_counter()
+    trained = ensure_trained(recipe, workdir, data_path, num_steps, overrides)
+    return time.perf_counter() - start if trained else 0.0
 
 
 def evaluate(workdir: str, num_batches: int, extras: bool = False) -> dict:

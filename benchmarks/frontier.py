@@ -12,7 +12,7 @@ the AR model's own samples (either side: a greedy decoder's repetitive text scor
 the largest length (null when none is); `closest` is the diffusion decoder whose Gen PPL is nearest the AR's there.
 
   python benchmarks/frontier.py --data ../shared/data/tinyshakespeare.txt [--lengths 128] [--batches 1,8] \
-      [--models block_from_ar,block,mdlm]
+      [--models block_from_ar,block,mdlm,mdlm_from_ar]
 
 The recipes train at data.seq_len = 128; `--seq_len 512 --lengths 128,512` trains the models at 512 (batch 8: the
 same tokens per step; workdirs named with it) for the L = 512 half of the grid.
