@@ -1,7 +1,8 @@
 """The one attention entry point: models call `attention(...)` / `cached_attention(...)` and never a kernel.
 
 impl:
-  xla               plain jnp (`reference.py`), any backend.
+  xla               plain jnp (`reference.py`), any backend; 16-bit inputs on CPU train through `cpu_bf16.py` (the
+                    same math, laid out for XLA:CPU's bf16 dot kernels).
   pallas            GPU: the Pallas (Triton) kernels: `pallas_flash.py` (flash forward + backward) and
                     `pallas_cached.py` (split-KV cached attention). TPU: splash attention (`splash.py`) for
                     `attention`, the XLA reference for `cached_attention`. Not available on CPU.
@@ -16,7 +17,7 @@ Mask modes are documented in `reference.py`.
 import jax
 import jax.numpy as jnp
 
-from dlm_jax.kernels import pallas_cached, pallas_flash, reference, splash
+from dlm_jax.kernels import cpu_bf16, pallas_cached, pallas_flash, reference, splash
 
 IMPLS = ("auto", "xla", "pallas", "cudnn", "pallas_interpret")
 HALF_DTYPES = (jnp.bfloat16, jnp.float16)  # what cuDNN attention takes, and what AUTO was timed in
@@ -79,14 +80,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_mode: str = "full",
     """Multi-head attention. q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D]. An explicit boolean `mask`
     [Lq, Lk] (a random annealed mask: `reference.anneal_mask`) runs on xla only (`auto` falls back to it)."""
     reference.check_mask_mode(mask_mode, k.shape[1], block_size)
-    if mask is not None:
-        if impl not in ("auto", "xla"):
-            raise ValueError(f"an explicit attention mask (mdlm.anneal_steps) needs attention_impl auto or xla, "
-                             f"got {impl!r}")
-        return reference.attention(q, k, v, mask_mode, block_size, mask)
-    impl = resolve_impl(impl, "attention", mask_mode, k.shape[1], q.dtype)
+    if mask is not None and impl not in ("auto", "xla"):
+        raise ValueError(f"an explicit attention mask (mdlm.anneal_steps) needs attention_impl auto or xla, "
+                         f"got {impl!r}")
+    impl = "xla" if mask is not None else resolve_impl(impl, "attention", mask_mode, k.shape[1], q.dtype)
+    if impl == "xla" and jax.default_backend() == "cpu" and jnp.dtype(q.dtype) in HALF_DTYPES:
+        return cpu_bf16.attention(q, k, v, reference.combined_mask(mask_mode, q.shape[1], k.shape[1], block_size,
+                                                                     mask))
     if impl == "xla":
-        return reference.attention(q, k, v, mask_mode, block_size)
+        return reference.attention(q, k, v, mask_mode, block_size, mask)
     if impl == "cudnn":
         return _cudnn_attention(q, k, v, mask_mode, block_size)
     if impl == "pallas" and jax.default_backend() == "tpu":

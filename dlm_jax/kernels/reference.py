@@ -57,6 +57,15 @@ def attention_bias_mask(mode: str, q_len: int, kv_len: int, block_size: int = 1)
     return allowed(mode, jnp.arange(q_len)[:, None], jnp.arange(kv_len)[None, :], block_size, kv_len)
 
 
+def combined_mask(mode: str, q_len: int, kv_len: int, block_size: int = 1,
+                  mask: jax.Array | None = None) -> jax.Array | None:
+    """The mode's [Lq, Lk] bool mask AND an explicit one (either may be None; None: every pair attended)."""
+    mode_mask = attention_bias_mask(mode, q_len, kv_len, block_size)
+    if mode_mask is None or mask is None:
+        return mask if mode_mask is None else mode_mask
+    return mask & mode_mask
+
+
 def anneal_mask(rng: jax.Array, ratio: jax.Array, length: int) -> jax.Array:
     """DiffuLLaMA's attention-mask annealing (Gong et al. 2024): causal OR each other (query, key) pair allowed
     with prob `ratio` in [0, 1] (0: causal, 1: full); one draw [length, length] bool shared by batch and heads."""
@@ -73,9 +82,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_mode: str = "full",
     """
     scale = q.shape[-1] ** -0.5
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    mode_mask = attention_bias_mask(mask_mode, q.shape[1], k.shape[1], block_size)
-    if mode_mask is not None:
-        mask = mode_mask if mask is None else mask & mode_mask
+    mask = combined_mask(mask_mode, q.shape[1], k.shape[1], block_size, mask)
     if mask is not None:
         scores = jnp.where(mask[None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)

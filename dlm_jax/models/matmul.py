@@ -2,8 +2,8 @@
 
 `on_rows` merges the leading [B, L] axes into one row axis before a weight's matmul (XLA:CPU otherwise copies a
 transposed [B, L, ...] operand in the backward pass); `dot_f32_accumulate` keeps float32 (and GPU / TPU) unchanged
-and, in bfloat16 on CPU, accumulates every product in float32 (XLA:CPU runs the CPU's bf16 dot instructions only
-then).
+and, in bfloat16 on CPU, accumulates every product in float32 with row-major operands (XLA:CPU runs the CPU's bf16
+dot instructions only then, kernels/cpu_bf16.py).
 Measured in benchmarks/vs_pytorch.py (docs/benchmarks.md).
 """
 
@@ -14,6 +14,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from dlm_jax.kernels.cpu_bf16 import row_major_swap
 
 Array = jax.Array
 
@@ -38,10 +40,9 @@ def _low_precision_dot_bwd(n_in: int, saved: tuple[Array, Array], g: Array) -> t
     g = g.astype(lhs.dtype)
     out_dims = tuple(range(n_in, rhs.ndim))
     d_lhs = _accumulate_f32(g, rhs, ((tuple(range(1, 1 + len(out_dims))), out_dims), ((), ())))
-    # XLA:CPU has no bf16 x bf16 = f32 kernel for this transposed product (DotThunk) and a slow bf16 one: float32
-    d_rhs = jax.lax.dot_general(lhs.astype(jnp.float32), g.astype(jnp.float32), (((0,), (0,)), ((), ())))
-    d_rhs = d_rhs.astype(rhs.dtype)
-    return d_lhs, d_rhs
+    rows = lhs.shape[0]  # the weight gradient as a [K, N] . [N, out] product: lhs^T must be a real row-major copy
+    d_rhs = _accumulate_f32(row_major_swap(lhs.reshape(rows, -1), 0, 1), g.reshape(rows, -1), (((1,), (0,)), ((), ())))
+    return d_lhs, d_rhs.reshape(rhs.shape).astype(rhs.dtype)
 
 
 _low_precision_dot.defvjp(_low_precision_dot_fwd, _low_precision_dot_bwd)
