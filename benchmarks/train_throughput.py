@@ -45,6 +45,7 @@ from dlm_jax.experiment import build_experiment
 from dlm_jax.families import base_config
 from dlm_jax.models.transformer import flops_per_token
 from dlm_jax.train import sharding
+from dlm_jax.train.distributed import relaunch_with_huge_pages
 from dlm_jax.train.loop import make_train_step
 from dlm_jax.train.state import create_train_state
 
@@ -211,6 +212,7 @@ def main() -> None:
     parser.add_argument("--remat", default="none", help="none | full | dots")
     parser.add_argument("--output", default="bench_out/train_throughput.json")
     args = parser.parse_args()
+    relaunch_with_huge_pages()  # as `dlm-jax train` runs
     backend = jax.default_backend()
     resolve_defaults(args, backend)
     impls = [x for x in args.attention_impls.split(",") if x]

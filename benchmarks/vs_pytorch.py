@@ -11,11 +11,15 @@ Rows (each skipped when its library is missing; PyTorch comes with the `bench` e
                                 (--jax_layers scan: nn.scan); the same `make_train_step` as `dlm-jax train`
   torch eager float32 / bf16    the PyTorch step; bf16 = torch.autocast(cpu, bfloat16) around the loss
   torch compiled float32 / bf16 the same loss under torch.compile (the optimizer step stays eager)
-Each row lives in its own process (spawned; the others wait idle, so no thread pools contend). After one compile /
-warm-up step each, the rows run in alternation, --steps_per_round steps per row per round over
---rounds rounds (the machine is shared: alternating spreads its noise over all rows); a row's figure is its median
-step. A square matmul of --matmul_n in each library and dtype is timed too (best of 5): the raw speed the steps
-build on. Prints a table, the ratios, then one JSON object as the last stdout line (also written to --output).
+Each row lives in its own process (spawned; the others wait idle, so no thread pools contend). The float32 rows run
+first, then the bf16 rows (only one dtype's processes alive at a time); within a dtype, after one compile / warm-up
+step each, the rows run in alternation, --steps_per_round steps per row per round over --rounds rounds (the machine
+is shared: alternating spreads its noise over the rows compared); a row's figure is its median step. --malloc
+hugetlb runs every row (both libraries) with glibc's malloc on huge pages, as the `dlm-jax` command runs itself
+(default: glibc's own; with several idle row processes holding memory, huge pages slowed the 6 x 512 dlm-jax step:
+benchmarks/host_malloc.py measures one process at a time). A square matmul of --matmul_n in each library and dtype
+is timed too (best of 5): the raw speed the steps build on. Prints a table, the ratios, then one JSON object as the
+last stdout line (also written to --output).
 
   python benchmarks/vs_pytorch.py [--rows jax_f32,torch_eager_f32 --rounds 5 --layers 6 --d_model 512]
 """
@@ -41,6 +45,7 @@ from common import write_result
 from train_throughput import TrainStep
 
 from dlm_jax.data import tokenizers
+from dlm_jax.train.distributed import relaunch_with_huge_pages
 
 ROWS = ("jax_f32", "jax_bf16", "torch_eager_f32", "torch_eager_bf16", "torch_compiled_f32", "torch_compiled_bf16")
 T_EPS = 1e-3  # the mdlm section's t_eps
@@ -208,6 +213,32 @@ def worker(name: str, vocab_size: int, args: argparse.Namespace, conn: Any) -> N
         conn.send(times)
 
 
+def run_group(names: list[str], vocab_size: int, args: argparse.Namespace, first: dict, params: dict,
+              times: dict) -> None:
+    """Starts one process per row (each idle while another runs: no thread pools contend), then runs --rounds
+    rounds of --steps_per_round steps per row in alternation; fills first-step seconds, parameter counts and step
+    times. Only one dtype's rows are alive at a time: with all six processes alive the dlm-jax float32 step ran
+    20-30% slower than with its own dtype's three (docs/benchmarks.md), for a reason not found."""
+    context = multiprocessing.get_context("spawn")
+    workers = {}
+    for name in names:
+        ours, theirs = context.Pipe()
+        process = context.Process(target=worker, args=(name, vocab_size, args, theirs), daemon=True)
+        process.start()
+        workers[name] = (process, ours)
+        first[name], params[name] = ours.recv()
+        times[name] = []
+        print(f"  {name}: {params[name]:,} parameters, first step {first[name]:.1f} s", flush=True)
+    for r in range(args.rounds):
+        for name, (_, conn) in workers.items():
+            conn.send(args.steps_per_round)
+            times[name] += conn.recv()
+        print(f"  {'/'.join(names)}: round {r + 1}/{args.rounds} done", flush=True)
+    for process, conn in workers.values():
+        conn.send(None)
+        process.join()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for key, default in (("layers", 6), ("d_model", 512), ("heads", 8), ("mlp_dim", 2048), ("seq_len", 256),
@@ -216,7 +247,12 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
     parser.add_argument("--jax_layers", default="unrolled", choices=("unrolled", "scan"))
     parser.add_argument("--output", default="bench_out/vs_pytorch.json")
+    parser.add_argument("--malloc", default="default", choices=("default", "hugetlb"),
+                        help="hugetlb: every row (dlm-jax and PyTorch alike) with GLIBC_TUNABLES="
+                             "glibc.malloc.hugetlb=1, as `dlm-jax` runs itself; default: glibc's own")
     args = parser.parse_args()
+    if args.malloc == "hugetlb":
+        relaunch_with_huge_pages()  # the row processes inherit it
     names = [r for r in args.rows.split(",") if r]
     if set(names) - set(ROWS):
         parser.error(f"--rows: unknown {sorted(set(names) - set(ROWS))}; choose from {', '.join(ROWS)}")
@@ -233,28 +269,15 @@ def main() -> None:
           f"batch {args.batch_size}", flush=True)
 
     vocab_size = tokenizers.ByteTokenizer().vocab_size + 1  # + [MASK]
-    workers, first, params = {}, {}, {}
     # a finished OpenMP region's threads spin-wait by default, stealing the cores of the row that runs next
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    context = multiprocessing.get_context("spawn")
-    for name in names:  # one process per row, each idle while another runs (no thread pools contend)
-        ours, theirs = context.Pipe()
-        process = context.Process(target=worker, args=(name, vocab_size, args, theirs), daemon=True)
-        process.start()
-        workers[name] = (process, ours)
-        first[name], params[name] = ours.recv()
-        print(f"  {name}: {params[name]:,} parameters, first step {first[name]:.1f} s", flush=True)
+    first, params, times = {}, {}, {}
+    for dtype in ("f32", "bf16"):  # the rows of one dtype alternate; the dtypes run one after the other
+        group = [name for name in names if name.endswith(dtype)]
+        if group:
+            run_group(group, vocab_size, args, first, params, times)
     if len(set(params.values())) > 1:
         print("WARNING: the models differ in size; the comparison is not like for like")
-    times: dict[str, list[float]] = {name: [] for name in workers}
-    for r in range(args.rounds):
-        for name, (_, conn) in workers.items():
-            conn.send(args.steps_per_round)
-            times[name] += conn.recv()
-        print(f"  round {r + 1}/{args.rounds} done", flush=True)
-    for process, conn in workers.values():
-        conn.send(None)
-        process.join()
 
     tokens = args.batch_size * args.seq_len
     rows = {name: {"step_seconds": float(np.median(t)), "tokens_per_second": tokens / float(np.median(t)),
@@ -280,6 +303,7 @@ def main() -> None:
     date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     write_result({"benchmark": "vs_pytorch", "date": date, "cpu": cpu_model(), "cores": os.cpu_count(),
                   "cpu_flags": flags, "jax": jax.__version__, "torch": torch_version, "config": vars(args),
+                  "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
                   "parameters": params,
                   "rows": rows, "matmul_tflops": matmul, "ratios": ratios}, args.output)
 

@@ -372,6 +372,10 @@ def _run(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Runs one command. Whatever goes wrong ends as one `error: ...` line and exit code 2 (errors.one_line says
     what and how to fix it); DLM_JAX_DEBUG=1 or --debug re-raises with the traceback."""
+    if argv is None:  # a real command line (not a call from Python): host memory on huge pages
+        from dlm_jax.train.distributed import relaunch_with_huge_pages
+
+        relaunch_with_huge_pages()
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("DLM_JAX_DEBUG", "0") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]

@@ -1,5 +1,5 @@
 """Scale-out: 2 local processes (gloo CPU collectives) == 1 process, preemption by SIGTERM and kill -9 with exact
-resume, and the ahead-of-time compile check on a fake 8-device mesh."""
+resume, the ahead-of-time compile check on a fake 8-device mesh, and the relaunch with host memory on huge pages."""
 
 import json
 import os
@@ -103,3 +103,20 @@ def test_compile_check_on_a_fake_8_device_mesh(corpus):
                           "--mesh=fsdp=8", f"--config.data.path={corpus}", *TINY, "--config.model.d_model=36"],
                          cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "model.d_model=36 is not divisible by mesh.fsdp=8" in bad.stderr
+
+
+@pytest.mark.parametrize("before,after", [
+    (None, "glibc.malloc.hugetlb=1"),
+    ("glibc.malloc.arena_max=2", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
+    ("glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=0"),
+])
+def test_a_process_relaunches_itself_with_host_memory_on_huge_pages(before, after):
+    """relaunch_with_huge_pages (the `dlm-jax` command calls it first) re-executes the same command line once with
+    glibc.malloc.hugetlb=1 added to GLIBC_TUNABLES; a setting of the user's own is kept (=0: opt out)."""
+    code = ("import os; from dlm_jax.train.distributed import relaunch_with_huge_pages; "
+            "print('start', flush=True); relaunch_with_huge_pages(); print(os.environ.get('GLIBC_TUNABLES'))")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | ({} if before is None else
+                                                                               {"GLIBC_TUNABLES": before})
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    relaunched = before is None or "hugetlb" not in before
+    assert out.stdout.split() == ["start"] * (2 if relaunched else 1) + [after]
