@@ -23,9 +23,10 @@ def relaunch_with_huge_pages() -> None:
 
     XLA:CPU's temporaries are allocated and freed every step; glibc maps them fresh each time and the kernel faults
     them in 4 KiB at a time (~100k faults per train step of the quickstart model). With GLIBC_TUNABLES
-    glibc.malloc.hugetlb=1 they come in 2 MiB pages: the same step ~1.6x faster on CPU, results bitwise unchanged
-    (benchmarks/vs_pytorch.py, docs/benchmarks.md). A GLIBC_TUNABLES that already names glibc.malloc.hugetlb (=0 to
-    opt out) is kept as it is; a failed exec leaves the process running as it was.
+    glibc.malloc.hugetlb=1 they come in 2 MiB pages: the same step 1.3-1.6x faster on CPU, results bitwise unchanged
+    (benchmarks/host_malloc.py; beside another memory-heavy process taking turns on the cores a large model's step
+    was slower: docs/benchmarks.md). A GLIBC_TUNABLES that already names glibc.malloc.hugetlb (=0 to opt out) is
+    kept as it is; a failed exec leaves the process running as it was.
     """
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if not sys.platform.startswith("linux") or "glibc.malloc.hugetlb" in tunables or platform.libc_ver()[0] != "glibc":
